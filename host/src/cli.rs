@@ -1,0 +1,368 @@
+//! The command line: the only file that knows clap. Prints results on stdout, logs and
+//! progress on stderr; errors print their whole chain and exit with status 2.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use modelglue::checkpoint::{self, DType};
+use modelglue::config::{parse_model_flag, parse_param_flag, MergeConfig, ParamMap};
+use modelglue::merge::{MergeOptions, MergePlan};
+use modelglue::plugins::{Discovery, Registry};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "mglue", version, about = "Merge, mix and search LLM checkpoints with plugins (Model-GLUE in Rust)")]
+struct Cli {
+    /// A directory to load plugins from (repeatable; searched before MGLUE_PLUGIN_PATH and the executable's directory).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Load plugins from directories that every user can write to.
+    #[arg(long, global = true)]
+    allow_insecure_plugin_dir: bool,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge models with a merge-method plugin, from a mergekit YAML config or from flags.
+    Merge(MergeArgs),
+    /// List or inspect the loaded plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Convert a GGUF file into a Hugging Face safetensors directory.
+    Convert(ConvertArgs),
+    /// Run the demo: build two small models, merge them with the `linear` plugin, compare.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Name, kind, version and file of every plugin found.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A plugin's description and parameter schema.
+    Show {
+        /// The plugin name.
+        name: String,
+        /// Print the JSON Schemas as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// A mergekit YAML config (model paths relative to the file).
+    config: Option<PathBuf>,
+    /// The output directory (written whole or not at all).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The merge method (flag form), e.g. linear.
+    #[arg(long)]
+    method: Option<String>,
+    /// A model and its parameters (flag form): PATH or PATH:weight=0.5,density=0.3 (repeatable).
+    #[arg(long = "model", value_name = "PATH[:K=V,...]")]
+    models: Vec<String>,
+    /// The base model (flag form).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// A global parameter (flag form), e.g. normalize=false or t=[0,0.5,1] (repeatable).
+    #[arg(long = "param", value_name = "K=V")]
+    params: Vec<String>,
+    /// Cast every input to this dtype at load (float32, bfloat16, float16).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Cast the output to this dtype.
+    #[arg(long)]
+    out_dtype: Option<String>,
+    /// Maximum size of one output shard (e.g. 5GB, 500MB, 1000000).
+    #[arg(long, default_value = "5GB")]
+    out_shard_size: String,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Seed for random methods (DARE, DELLA).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Validate and print the plan without reading any weight.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file.
+    input: PathBuf,
+    /// The output directory.
+    out: PathBuf,
+    /// Stored dtype of the converted weights.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to write the demo zoo and the merged model.
+    #[arg(long, default_value = "target/demo")]
+    out: PathBuf,
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim().to_ascii_uppercase();
+    let (num, mult) = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1.0)]
+        .iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1.0));
+    let v: f64 = num.parse().with_context(|| format!("--out-shard-size {text:?}: expected a size such as 5GB, 500MB or 1000000"))?;
+    if v <= 0.0 {
+        bail!("--out-shard-size {text:?} must be positive");
+    }
+    Ok((v * mult) as u64)
+}
+
+fn parse_dtype_flag(flag: &str, v: &Option<String>) -> Result<Option<DType>> {
+    v.as_deref()
+        .map(|s| checkpoint::parse_dtype(s).with_context(|| format!("{flag} {s:?}: expected float32, bfloat16 or float16")))
+        .transpose()
+}
+
+fn registry(cli: &Cli) -> Registry {
+    Registry::discover(&Discovery {
+        dirs: cli.plugin_dirs.clone(),
+        use_env: true,
+        use_exe_dir: true,
+        allow_insecure_dirs: cli.allow_insecure_plugin_dir,
+    })
+}
+
+fn report_problems(reg: &Registry) {
+    for p in reg.problem_messages() {
+        eprintln!("warning: {p}");
+    }
+}
+
+fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
+    let config = match (&a.config, &a.method) {
+        (Some(_), Some(_)) => bail!("give either a config file or --method with --model flags, not both"),
+        (Some(path), None) => MergeConfig::from_yaml_file(path)?,
+        (None, Some(method)) => {
+            if a.models.is_empty() {
+                bail!("--method {method} needs at least one --model PATH[:weight=…]");
+            }
+            let models = a.models.iter().map(|m| parse_model_flag(m)).collect::<Result<Vec<_>, _>>()?;
+            let mut global = ParamMap::new();
+            for p in &a.params {
+                let (k, v) = parse_param_flag(p)?;
+                global.insert(k, v);
+            }
+            MergeConfig::from_flags(
+                method,
+                &models,
+                a.base.clone(),
+                global,
+                parse_dtype_flag("--dtype", &a.dtype)?,
+                parse_dtype_flag("--out-dtype", &a.out_dtype)?,
+            )
+        }
+        (None, None) => bail!("give a mergekit YAML config, or --method NAME with --model flags"),
+    };
+    let reg = registry(cli);
+    let plan = MergePlan::new(&config, &reg).context("the merge plan is invalid; nothing was read or written")?;
+    let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
+    eprintln!(
+        "plan: {} tensors with `{}`; peak memory bound ≈ {:.1} MB with {threads} threads",
+        plan.len(),
+        config.merge_method,
+        plan.peak_estimate_bytes(threads) as f64 / 1e6
+    );
+    if a.dry_run {
+        println!("valid: {} tensors would be written to {}", plan.len(), a.out.display());
+        return Ok(());
+    }
+    let mut opts = MergeOptions::new(&a.out);
+    opts.shard_bytes = parse_size(&a.out_shard_size)?;
+    opts.overwrite = a.overwrite;
+    opts.seed = a.seed;
+    opts.threads = a.threads;
+    opts.progress = !cli.quiet;
+    let r = plan.run(&opts, None)?;
+    println!(
+        "wrote {} ({} tensors, {:.1} MB) in {:.2}s",
+        r.out_dir.display(),
+        r.tensors,
+        r.bytes as f64 / 1e6,
+        r.seconds
+    );
+    Ok(())
+}
+
+fn cmd_plugins(cli: &Cli, c: &PluginsCommand) -> Result<()> {
+    let reg = registry(cli);
+    report_problems(&reg);
+    match c {
+        PluginsCommand::List { json } => {
+            if *json {
+                let list: Vec<_> = reg
+                    .plugins()
+                    .map(|p| {
+                        serde_json::json!({
+                            "name": p.info.name, "kind": p.info.kind.as_str(), "version": p.info.version,
+                            "api_version": p.info.api_version.to_string(), "file": p.info.path,
+                            "description": p.info.description,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<20} {:<7} {:<9} {:<6} FILE", "NAME", "KIND", "VERSION", "API");
+                for p in reg.plugins() {
+                    println!(
+                        "{:<20} {:<7} {:<9} {:<6} {}",
+                        p.info.name,
+                        p.info.kind.as_str(),
+                        p.info.version,
+                        format!("{}.{}", p.info.api_version.major, p.info.api_version.minor),
+                        p.info.path.display()
+                    );
+                }
+            }
+        }
+        PluginsCommand::Show { name, json } => {
+            let p = reg.get(name).with_context(|| {
+                let names: Vec<_> = reg.plugins().map(|p| p.info.name.clone()).collect();
+                format!("no plugin named `{name}` (loaded: {})", names.join(", "))
+            })?;
+            if *json {
+                let v = serde_json::json!({
+                    "name": p.info.name, "kind": p.info.kind.as_str(), "version": p.info.version,
+                    "description": p.info.description, "file": p.info.path,
+                    "api_version": p.info.api_version.to_string(),
+                    "params_schema": p.info.params_schema, "model_params_schema": p.info.model_params_schema,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{} ({} plugin, version {}, plugin-api {})", p.info.name, p.info.kind.as_str(), p.info.version, p.info.api_version);
+                println!("{}", p.info.description);
+                println!("file: {}\n", p.info.path.display());
+                print_params("Global parameters (`parameters:`)", &p.info.params_schema);
+                print_params("Per-model parameters (`models[].parameters`)", &p.info.model_params_schema);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_params(title: &str, schema: &serde_json::Value) {
+    println!("{title}:");
+    let props = schema.get("properties").and_then(|p| p.as_object());
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(|r| r.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    match props {
+        Some(props) if !props.is_empty() => {
+            for (name, p) in props {
+                let ty = p
+                    .get("type")
+                    .map(|t| match t {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .unwrap_or_else(|| "any".into());
+                let default = p.get("default").map(|d| format!(", default {d}")).unwrap_or_default();
+                let req = if required.contains(&name.as_str()) { ", required" } else { "" };
+                let desc = p.get("description").and_then(|d| d.as_str()).unwrap_or("");
+                println!("  {name} ({ty}{req}{default})\n      {desc}");
+            }
+        }
+        _ => println!("  (none)"),
+    }
+    println!();
+}
+
+fn cmd_convert(a: &ConvertArgs) -> Result<()> {
+    let dtype = checkpoint::parse_dtype(&a.dtype).with_context(|| format!("--dtype {:?}: expected float32, bfloat16 or float16", a.dtype))?;
+    let opts = checkpoint::gguf::ConvertOptions { dtype, overwrite: a.overwrite };
+    let r = checkpoint::gguf::convert_gguf(&a.input, &a.out, &opts)?;
+    println!(
+        "wrote {} ({} architecture, {} tensors, vocabulary {})",
+        r.out_dir.display(),
+        r.architecture,
+        r.tensors,
+        r.vocab_size
+    );
+    Ok(())
+}
+
+fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
+    let reg = registry(cli);
+    report_problems(&reg);
+    let table = modelglue::demo::run(&reg, &a.out)?;
+    print!("{table}");
+    Ok(())
+}
+
+/// Runs the CLI and returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match &cli.command {
+        Command::Merge(a) => cmd_merge(&cli, a),
+        Command::Plugins(c) => cmd_plugins(&cli, c),
+        Command::Convert(a) => cmd_convert(a),
+        Command::Demo(a) => cmd_demo(&cli, a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_sizes_parse_with_units() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}

