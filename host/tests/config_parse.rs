@@ -361,6 +361,9 @@ fn flag_configs_render_to_equivalent_yaml() {
     let (b, pb) = parse_model_flag("m/b:weight=0.3").expect("parses");
     let mut global = ParamMap::new();
     global.insert("normalize".into(), ParamValue::Bool(true));
+    // Strings that look like other YAML types must come back as strings.
+    global.insert("mode".into(), ParamValue::String("1.5".into()));
+    global.insert("flag".into(), ParamValue::String("true".into()));
     global.insert(
         "t".into(),
         ParamValue::Conditional(vec![

@@ -176,9 +176,9 @@ pub struct BackendVTable {
     pub binary: unsafe extern "C" fn(Ctx, u32, H, H) -> FfiResult<H>,
     /// `x · mul + add`, in the tensor's dtype.
     pub affine: unsafe extern "C" fn(Ctx, H, f64, f64) -> FfiResult<H>,
-    /// Fused `(Σᵢ f32(wᵢ) · f32(xᵢ)) / f32(divisor)`, accumulated left to right in f32, each
-    /// product rounded before the add (torch's `(w * stack).sum(0) / w.sum()`), written in the
-    /// dtype code given. `divisor == 1` skips the division.
+    /// Fused `(Σᵢ f32(wᵢ) · f32(xᵢ)) / f32(divisor)` in f32, left to right: `acc = w₀x₀`, then
+    /// `acc = fma(wᵢ, xᵢ, acc)` (one rounding per step, as torch's CPU kernels), then one division;
+    /// written in the dtype code given. `divisor == 1` skips the division.
     pub weighted_sum: unsafe extern "C" fn(Ctx, RSlice<'_, H>, RSlice<'_, f64>, f64, u32) -> FfiResult<H>,
     /// In place: `y ← y + α · x` in y's dtype (y is copied first when its storage is shared).
     pub axpy: unsafe extern "C" fn(Ctx, H, f64, H) -> FfiResult<u8>,

@@ -284,7 +284,8 @@ unsafe extern "C" fn weighted_sum(
         if let Some(r) = kernels::weighted_sum(&ts, ws.as_slice(), divisor, out) {
             return r;
         }
-        // Generic path (CUDA, non-contiguous): the same op order with candle ops.
+        // Generic path (CUDA, non-contiguous): the same formula with candle ops (separate
+        // multiply and add, so the last bit may differ from the fused CPU kernel's FMA).
         let mut acc = ts[0].to_dtype(DType::F32)?.affine(ws[0] as f32 as f64, 0.0)?;
         for (t, &w) in ts.iter().zip(ws.iter()).skip(1) {
             acc = (acc + t.to_dtype(DType::F32)?.affine(w as f32 as f64, 0.0)?)?;

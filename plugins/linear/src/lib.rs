@@ -1,9 +1,10 @@
 //! `linear`: the model soup. `out = Σᵢ wᵢ θᵢ / Σᵢ wᵢ` (no division with `normalize: false`).
 //!
 //! Wortsman et al., "Model soups" (ICML 2022). Matches mergekit 0.1.5 bit for bit in f32: the
-//! weights are rounded to f32, each product `f32(wᵢ)·θᵢ` is rounded, the products are added left
-//! to right, then divided by `Σ f32(wᵢ)` — torch's `(w * stack).sum(0) / w.sum(0)`. Inputs in
-//! bf16/f16 are computed in f32 and written back in the widest input dtype.
+//! weights are rounded to f32, accumulated left to right with one rounding per step
+//! (`acc = w₀θ₀; acc = fma(wᵢ, θᵢ, acc)`, what torch's CPU kernel does), then divided by
+//! `Σ f32(wᵢ)`. Inputs in bf16/f16 are computed in f32 and written back in the widest input
+//! dtype.
 //!
 //! Differences from mergekit: a weight sum of zero with `normalize: true` is refused at
 //! validation instead of producing NaN/inf tensors.

@@ -9,6 +9,9 @@ use serde_json::{json, Value as Json};
 use super::tokenizer::SpecialTokens;
 use super::{GgufError, Metadata};
 
+/// Upper bound for every size hyper-parameter (hidden size, layers, heads, …).
+const MAX_DIM: usize = 1 << 24;
+
 /// The model families the converter knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -66,26 +69,28 @@ impl ModelSpec {
     ) -> Result<Self, GgufError> {
         let a = arch.gguf_name();
         let key = |k: &str| format!("{a}.{k}");
-        let positive = |k: &str| -> Result<usize, GgufError> {
-            let v = md.usize(&key(k))?;
-            if v == 0 {
-                return Err(md.bad(&key(k), "is 0; it must be positive".to_string()));
+        // Sizes are multiplied together below; bounding them keeps that arithmetic far from
+        // overflow whatever a damaged file claims (real models are below 2^20 everywhere).
+        let dim = |k: &str, v: usize| -> Result<usize, GgufError> {
+            if v == 0 || v > MAX_DIM {
+                return Err(md.bad(
+                    &key(k),
+                    format!("is {v}; it must be between 1 and {MAX_DIM}"),
+                ));
             }
             Ok(v)
         };
-        let hidden_size = positive("embedding_length")?;
-        let num_layers = positive("block_count")?;
-        let num_heads = positive("attention.head_count")?;
-        let intermediate_size = positive("feed_forward_length")?;
-        let context_length = positive("context_length")?;
+        let required = |k: &str| md.usize(&key(k)).and_then(|v| dim(k, v));
+        let hidden_size = required("embedding_length")?;
+        let num_layers = required("block_count")?;
+        let num_heads = required("attention.head_count")?;
+        let intermediate_size = required("feed_forward_length")?;
+        let context_length = md.usize(&key("context_length"))?;
+        if context_length == 0 {
+            return Err(md.bad(&key("context_length"), "is 0; it must be positive".into()));
+        }
         let num_kv_heads = match md.opt_usize(&key("attention.head_count_kv"))? {
-            Some(0) => {
-                return Err(md.bad(
-                    &key("attention.head_count_kv"),
-                    "is 0; it must be positive".to_string(),
-                ))
-            }
-            Some(n) => n,
+            Some(n) => dim("attention.head_count_kv", n)?,
             None => num_heads,
         };
         if num_heads % num_kv_heads != 0 {
@@ -95,7 +100,7 @@ impl ModelSpec {
             ));
         }
         let head_dim = match md.opt_usize(&key("attention.key_length"))? {
-            Some(d) => d,
+            Some(d) => dim("attention.key_length", d)?,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => {
                 return Err(md.bad(
@@ -308,21 +313,19 @@ pub(super) fn plan_tensors(
         }
     };
 
-    // (gguf name, hf name, expected shape, transform, required)
-    let mut wanted: Vec<(String, String, Vec<usize>, Transform, bool)> = vec![
+    // (gguf name, hf name, expected shape, transform)
+    let mut wanted: Vec<(String, String, Vec<usize>, Transform)> = vec![
         (
             "token_embd.weight".into(),
             "model.embed_tokens.weight".into(),
             vec![s.vocab_size, s.hidden_size],
             Transform::None,
-            true,
         ),
         (
             "output_norm.weight".into(),
             "model.norm.weight".into(),
             vec![s.hidden_size],
             norm,
-            true,
         ),
     ];
     if !s.tied {
@@ -331,7 +334,6 @@ pub(super) fn plan_tensors(
             "lm_head.weight".into(),
             vec![s.vocab_size, s.hidden_size],
             Transform::None,
-            true,
         ));
     }
     for i in 0..s.num_layers {
@@ -365,7 +367,7 @@ pub(super) fn plan_tensors(
                 (g("attn_v.bias"), h("self_attn.v_proj.bias"), vec![kv_rows], Transform::None),
             ]);
         }
-        wanted.extend(layer.into_iter().map(|(g, h, shape, t)| (g, h, shape, t, true)));
+        wanted.extend(layer);
     }
 
     let arch_name = s.arch.gguf_name().to_string();
@@ -384,16 +386,13 @@ pub(super) fn plan_tensors(
     }
 
     let mut plan = Vec::with_capacity(wanted.len());
-    for (gguf_name, hf_name, expected, transform, required) in wanted {
+    for (gguf_name, hf_name, expected, transform) in wanted {
         let Some(found) = shapes.get(gguf_name.as_str()) else {
-            if required {
-                return Err(GgufError::MissingTensor {
-                    path: path.to_path_buf(),
-                    tensor: gguf_name,
-                    architecture: arch_name,
-                });
-            }
-            continue;
+            return Err(GgufError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: gguf_name,
+                architecture: arch_name,
+            });
         };
         if *found != expected {
             return Err(GgufError::TensorShape {
@@ -423,9 +422,8 @@ pub(super) fn config_json(spec: &ModelSpec, special: &SpecialTokens, dtype: &str
         "num_attention_heads": s.num_heads,
         "num_key_value_heads": s.num_kv_heads,
         "head_dim": s.head_dim,
-        // serde_json writes an f32 with its shortest round-trip digits (1e-5, not 9.99e-6).
-        "rms_norm_eps": s.rms_norm_eps,
-        "rope_theta": s.rope_theta,
+        "rms_norm_eps": f32_json(s.rms_norm_eps),
+        "rope_theta": f32_json(s.rope_theta),
         "rope_scaling": null,
         "max_position_embeddings": s.context_length,
         "vocab_size": s.vocab_size,
@@ -448,7 +446,7 @@ pub(super) fn config_json(spec: &ModelSpec, special: &SpecialTokens, dtype: &str
             "attention_bias": s.attention_bias,
             "mlp_bias": false,
             "pretraining_tp": 1,
-            "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": f32_json(s.rope_theta)},
         }),
         Arch::Qwen2 => json!({
             "architectures": ["Qwen2ForCausalLM"],
@@ -457,7 +455,7 @@ pub(super) fn config_json(spec: &ModelSpec, special: &SpecialTokens, dtype: &str
             "use_sliding_window": false,
             "sliding_window": s.context_length,
             "max_window_layers": s.num_layers,
-            "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": f32_json(s.rope_theta)},
         }),
         Arch::Gemma3 => {
             // llama.cpp hard-codes these for gemma3 (llama-model.cpp): every sixth layer is
@@ -485,7 +483,7 @@ pub(super) fn config_json(spec: &ModelSpec, special: &SpecialTokens, dtype: &str
                 "attn_logit_softcapping": null,
                 "final_logit_softcapping": null,
                 "rope_parameters": {
-                    "full_attention": {"rope_type": "default", "rope_theta": s.rope_theta},
+                    "full_attention": {"rope_type": "default", "rope_theta": f32_json(s.rope_theta)},
                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                 },
             })
@@ -495,6 +493,12 @@ pub(super) fn config_json(spec: &ModelSpec, special: &SpecialTokens, dtype: &str
         c.extend(extra);
     }
     c
+}
+
+/// An f32 as the JSON number with its shortest round-trip decimal digits: GGUF stores
+/// `rms_norm_eps = 1e-5` as an f32, which widened to f64 would print as 9.999999747378752e-6.
+fn f32_json(v: f32) -> Json {
+    format!("{v}").parse::<f64>().map_or(Json::Null, Json::from)
 }
 
 /// `generation_config.json`: the special ids generation needs.

@@ -1,0 +1,447 @@
+//! The ergonomic side of the boundary: [`Backend`] and [`Tensor`], so that a merge method reads
+//! like its formula (`a.sub(&b)?.scale(w)?`).
+
+use crate::error::{Error, Result};
+use crate::ffi::{self, BackendVTable, FfiResult, TensorHandle};
+use abi_stable::std_types::{RResult, RSlice};
+
+/// Element type of a host tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 64-bit float.
+    F64,
+    /// Unsigned byte.
+    U8,
+    /// Unsigned 32-bit.
+    U32,
+    /// Signed 64-bit.
+    I64,
+}
+
+impl DType {
+    /// The code used across the boundary.
+    pub fn code(self) -> u32 {
+        match self {
+            DType::F32 => ffi::dtype::F32,
+            DType::F16 => ffi::dtype::F16,
+            DType::BF16 => ffi::dtype::BF16,
+            DType::F64 => ffi::dtype::F64,
+            DType::U8 => ffi::dtype::U8,
+            DType::U32 => ffi::dtype::U32,
+            DType::I64 => ffi::dtype::I64,
+        }
+    }
+    /// The dtype for a code, `None` for codes this plugin-api does not know.
+    pub fn from_code(code: u32) -> Option<DType> {
+        Some(match code {
+            ffi::dtype::F32 => DType::F32,
+            ffi::dtype::F16 => DType::F16,
+            ffi::dtype::BF16 => DType::BF16,
+            ffi::dtype::F64 => DType::F64,
+            ffi::dtype::U8 => DType::U8,
+            ffi::dtype::U32 => DType::U32,
+            ffi::dtype::I64 => DType::I64,
+            _ => return None,
+        })
+    }
+    /// Whether this is a floating-point type.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+    }
+}
+
+fn lift<T>(r: FfiResult<T>) -> Result<T> {
+    match r {
+        RResult::ROk(v) => Ok(v),
+        RResult::RErr(e) => Err(Error::Backend(e.into_string())),
+    }
+}
+
+/// The host's tensor operations, as seen by a plugin during one call.
+#[derive(Clone, Copy)]
+pub struct Backend<'b> {
+    vt: &'b BackendVTable,
+}
+
+impl<'b> Backend<'b> {
+    /// Wraps the host's table.
+    ///
+    /// # Safety
+    /// `vt` must be a table produced by a modelglue host (or its testing helper) that stays valid
+    /// for `'b`.
+    pub unsafe fn from_raw(vt: &'b BackendVTable) -> Self {
+        Backend { vt }
+    }
+
+    /// The host's plugin-api minor version.
+    pub fn host_api_minor(&self) -> u32 {
+        self.vt.api_minor
+    }
+
+    fn wrap(&self, r: FfiResult<TensorHandle>) -> Result<Tensor<'b>> {
+        lift(r).map(|h| Tensor {
+            h,
+            backend: *self,
+            owned: true,
+        })
+    }
+
+    /// Takes a host-owned handle for the duration of a call; dropping it does not release it.
+    ///
+    /// # Safety
+    /// `h` must be a live handle of this backend that outlives `'b`.
+    pub unsafe fn borrow_handle(&self, h: TensorHandle) -> Tensor<'b> {
+        Tensor {
+            h,
+            backend: *self,
+            owned: false,
+        }
+    }
+
+    /// A new tensor from f32 values.
+    pub fn from_f32(&self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor<'b>> {
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        // SAFETY: the table comes from the host; slices outlive the call.
+        self.wrap(unsafe {
+            (self.vt.from_f32)(
+                self.vt.ctx,
+                RSlice::from_slice(data),
+                RSlice::from_slice(&dims),
+                dtype.code(),
+            )
+        })
+    }
+
+    /// `(Σᵢ wᵢ xᵢ) / divisor`, fused, accumulated in f32 left to right, written as `out`.
+    pub fn weighted_sum(
+        &self,
+        tensors: &[&Tensor<'b>],
+        weights: &[f64],
+        divisor: Option<f64>,
+        out: DType,
+    ) -> Result<Tensor<'b>> {
+        if tensors.len() != weights.len() || tensors.is_empty() {
+            return Err(Error::params(format!(
+                "weighted_sum needs one weight per tensor (got {} tensors, {} weights)",
+                tensors.len(),
+                weights.len()
+            )));
+        }
+        let hs: Vec<TensorHandle> = tensors.iter().map(|t| t.h).collect();
+        // SAFETY: handles are live for 'b; slices outlive the call.
+        self.wrap(unsafe {
+            (self.vt.weighted_sum)(
+                self.vt.ctx,
+                RSlice::from_slice(&hs),
+                RSlice::from_slice(weights),
+                divisor.unwrap_or(1.0),
+                out.code(),
+            )
+        })
+    }
+
+    /// Concatenation along `dim`.
+    pub fn cat(&self, tensors: &[&Tensor<'b>], dim: usize) -> Result<Tensor<'b>> {
+        let hs: Vec<TensorHandle> = tensors.iter().map(|t| t.h).collect();
+        // SAFETY: handles are live for 'b.
+        self.wrap(unsafe { (self.vt.cat)(self.vt.ctx, RSlice::from_slice(&hs), dim as u32) })
+    }
+
+    fn require(&self, end: usize, op: &str, minor: u32) -> Result<()> {
+        if self.vt.has(end) {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "backend op `{op}` needs a host with plugin-api ≥ 1.{minor} (this host has 1.{}); upgrade mglue",
+                self.vt.api_minor
+            )))
+        }
+    }
+}
+
+/// A host-owned tensor. Dropping an owned tensor releases it in the host.
+pub struct Tensor<'b> {
+    h: TensorHandle,
+    backend: Backend<'b>,
+    owned: bool,
+}
+
+impl Drop for Tensor<'_> {
+    fn drop(&mut self) {
+        if self.owned && !self.h.is_null() {
+            // SAFETY: owned handles are released exactly once, here.
+            unsafe { (self.backend.vt.release)(self.backend.vt.ctx, self.h) }
+        }
+    }
+}
+
+impl std::fmt::Debug for Tensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape())
+            .field("dtype", &self.dtype())
+            .finish()
+    }
+}
+
+macro_rules! call {
+    ($self:ident, $op:ident $(, $arg:expr)*) => {{
+        let vt = $self.backend.vt;
+        // SAFETY: the handle is live for 'b and the table comes from the host.
+        unsafe { (vt.$op)(vt.ctx $(, $arg)*) }
+    }};
+}
+
+impl<'b> Tensor<'b> {
+    /// The backend this tensor lives in.
+    pub fn backend(&self) -> Backend<'b> {
+        self.backend
+    }
+
+    /// The element type (`F32` for codes this plugin-api does not know).
+    pub fn dtype(&self) -> DType {
+        DType::from_code(call!(self, dtype, self.h)).unwrap_or(DType::F32)
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> Vec<usize> {
+        call!(self, shape, self.h).iter().map(|&d| d as usize).collect()
+    }
+
+    /// Number of elements.
+    pub fn elem_count(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    /// Hands the tensor to the host (as a merge result). A borrowed input is duplicated first.
+    pub fn into_raw(self) -> Result<TensorHandle> {
+        let me = if self.owned { self } else { self.dup()? };
+        let h = me.h;
+        std::mem::forget(me);
+        Ok(h)
+    }
+
+    /// The raw handle (still owned by this wrapper).
+    pub fn handle(&self) -> TensorHandle {
+        self.h
+    }
+
+    /// A second, owned handle to the same data.
+    pub fn dup(&self) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, dup, self.h))
+    }
+
+    /// Converts to `dtype` (a no-op copy of the handle when already there).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, to_dtype, self.h, dtype.code()))
+    }
+
+    fn unary(&self, op: u32) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, unary, op, self.h))
+    }
+    fn binary(&self, op: u32, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, binary, op, self.h, other.h))
+    }
+    fn compare(&self, op: u32, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, compare, op, self.h, other.h))
+    }
+    fn reduce(&self, op: u32) -> Result<f64> {
+        lift(call!(self, reduce, op, self.h))
+    }
+
+    /// `-x`
+    pub fn neg(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::NEG)
+    }
+    /// `|x|`
+    pub fn abs(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::ABS)
+    }
+    /// `sign(x)` with sign(0) = 0.
+    pub fn sign(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::SIGN)
+    }
+    /// `sqrt(x)`
+    pub fn sqrt(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::SQRT)
+    }
+    /// `exp(x)`
+    pub fn exp(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::EXP)
+    }
+    /// `ln(x)`
+    pub fn log(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::LOG)
+    }
+    /// `x²`
+    pub fn sqr(&self) -> Result<Tensor<'b>> {
+        self.unary(ffi::unary::SQR)
+    }
+    /// `a + b`
+    pub fn add(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::ADD, other)
+    }
+    /// `a − b`
+    pub fn sub(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::SUB, other)
+    }
+    /// `a · b`
+    pub fn mul(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::MUL, other)
+    }
+    /// `a / b`
+    pub fn div(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::DIV, other)
+    }
+    /// `max(a, b)`
+    pub fn maximum(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::MAXIMUM, other)
+    }
+    /// `min(a, b)`
+    pub fn minimum(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.binary(ffi::binary::MINIMUM, other)
+    }
+    /// `x · mul + add`
+    pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, affine, self.h, mul, add))
+    }
+    /// `x · s`
+    pub fn scale(&self, s: f64) -> Result<Tensor<'b>> {
+        self.affine(s, 0.0)
+    }
+    /// In place: `self ← self + α · x`.
+    pub fn axpy(&mut self, alpha: f64, x: &Tensor<'b>) -> Result<()> {
+        if !self.owned {
+            *self = self.dup()?;
+        }
+        lift(call!(self, axpy, self.h, alpha, x.h)).map(|_| ())
+    }
+    /// `Σ x` (f64 accumulation).
+    pub fn sum(&self) -> Result<f64> {
+        self.reduce(ffi::reduce::SUM)
+    }
+    /// `Σ x²`
+    pub fn sum_sq(&self) -> Result<f64> {
+        self.reduce(ffi::reduce::SUM_SQ)
+    }
+    /// `Σ |x|`
+    pub fn sum_abs(&self) -> Result<f64> {
+        self.reduce(ffi::reduce::SUM_ABS)
+    }
+    /// `‖x‖₂`
+    pub fn norm(&self) -> Result<f64> {
+        self.sum_sq().map(f64::sqrt)
+    }
+    /// `max |x|`
+    pub fn max_abs(&self) -> Result<f64> {
+        self.reduce(ffi::reduce::MAX_ABS)
+    }
+    /// Number of non-zero elements.
+    pub fn count_nonzero(&self) -> Result<u64> {
+        self.reduce(ffi::reduce::COUNT_NONZERO).map(|v| v as u64)
+    }
+    /// `Σ aᵢ bᵢ`
+    pub fn dot(&self, other: &Tensor<'b>) -> Result<f64> {
+        lift(call!(self, dot, self.h, other.h))
+    }
+    /// Mask `a == b`.
+    pub fn eq(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::EQ, other)
+    }
+    /// Mask `a != b`.
+    pub fn ne(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::NE, other)
+    }
+    /// Mask `a > b`.
+    pub fn gt(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::GT, other)
+    }
+    /// Mask `a >= b`.
+    pub fn ge(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::GE, other)
+    }
+    /// Mask `a < b`.
+    pub fn lt(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::LT, other)
+    }
+    /// Mask `a <= b`.
+    pub fn le(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.compare(ffi::compare::LE, other)
+    }
+    /// `self ≠ 0 ? a : b` (self is the mask).
+    pub fn select(&self, a: &Tensor<'b>, b: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, select, self.h, a.h, b.h))
+    }
+    /// The k-th largest `|x|` (k ≥ 1), by selection.
+    pub fn abs_kth_largest(&self, k: usize) -> Result<f64> {
+        lift(call!(self, abs_kth_largest, self.h, k as u64))
+    }
+    /// 0/1 mask keeping exactly the `k` largest magnitudes.
+    pub fn topk_abs_mask(&self, k: usize) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, topk_abs_mask, self.h, k as u64))
+    }
+    /// 0/1 mask like `self`, each element kept with probability `p`; reproducible from
+    /// `(seed, stream)` whatever the thread count.
+    pub fn bernoulli_mask(&self, p: f64, seed: u64, stream: u64) -> Result<Tensor<'b>> {
+        self.backend
+            .wrap(call!(self, bernoulli_mask, self.h, p, seed, stream))
+    }
+    /// A tensor like `self` filled with `v`.
+    pub fn full_like(&self, v: f64) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, full_like, self.h, v))
+    }
+    /// A tensor like `self` filled with zeros.
+    pub fn zeros_like(&self) -> Result<Tensor<'b>> {
+        self.full_like(0.0)
+    }
+    /// The values as f32 (escape hatch).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        lift(call!(self, to_vec_f32, self.h)).map(|v| v.into_vec())
+    }
+    /// Same data, new shape.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor<'b>> {
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        self.backend
+            .wrap(call!(self, reshape, self.h, RSlice::from_slice(&dims)))
+    }
+    /// Matrix product.
+    pub fn matmul(&self, other: &Tensor<'b>) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, matmul, self.h, other.h))
+    }
+    /// Softmax over the last dimension.
+    pub fn softmax_last(&self) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(self, softmax_last, self.h))
+    }
+    /// Swaps two dimensions.
+    pub fn transpose(&self, d0: usize, d1: usize) -> Result<Tensor<'b>> {
+        self.backend
+            .wrap(call!(self, transpose, self.h, d0 as u32, d1 as u32))
+    }
+    /// Rows `[start, start + len)` along `dim`.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor<'b>> {
+        self.backend.wrap(call!(
+            self,
+            narrow,
+            self.h,
+            dim as u32,
+            start as u64,
+            len as u64
+        ))
+    }
+    /// `Σ` over the last dimension, kept as size 1.
+    pub fn sum_last(&self) -> Result<Tensor<'b>> {
+        self.backend
+            .wrap(call!(self, reduce_last, ffi::reduce::SUM, self.h))
+    }
+    /// `Σ x²` over the last dimension, kept as size 1.
+    pub fn sum_sq_last(&self) -> Result<Tensor<'b>> {
+        self.backend
+            .wrap(call!(self, reduce_last, ffi::reduce::SUM_SQ, self.h))
+    }
+}
