@@ -78,7 +78,10 @@ fn smollm2_gguf() -> Option<PathBuf> {
         match Command::new("bash").arg(&script).arg(&cache).status() {
             Ok(s) if s.success() && path.is_file() => Some(path),
             Ok(s) => {
-                eprintln!("SKIP: {} failed ({s}); cannot get {GGUF_NAME}", script.display());
+                eprintln!(
+                    "SKIP: {} failed ({s}); cannot get {GGUF_NAME}",
+                    script.display()
+                );
                 None
             }
             Err(e) => {
@@ -107,7 +110,11 @@ fn converted() -> Option<&'static Converted> {
         };
         let start = Instant::now();
         let report = convert_gguf(&src, &dir, &opts).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("converted {} (f32) in {:.2?}", src.display(), start.elapsed());
+        eprintln!(
+            "converted {} (f32) in {:.2?}",
+            src.display(),
+            start.elapsed()
+        );
         Some(Converted { report, dir })
     })
     .as_ref()
@@ -123,7 +130,8 @@ macro_rules! converted_or_skip {
 }
 
 fn tokenizer(c: &Converted) -> Tokenizer {
-    Tokenizer::from_file(c.dir.join("tokenizer.json")).unwrap_or_else(|e| panic!("tokenizer.json: {e}"))
+    Tokenizer::from_file(c.dir.join("tokenizer.json"))
+        .unwrap_or_else(|e| panic!("tokenizer.json: {e}"))
 }
 
 fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
@@ -155,7 +163,10 @@ fn report_and_files_describe_the_converted_model() {
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().contains(".mglue-"))
         .collect();
-    assert!(leftovers.is_empty(), "partial directories left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "partial directories left: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -199,7 +210,10 @@ fn safetensors_holds_exactly_the_hf_llama_tensors() {
     let bytes = std::fs::read(c.dir.join("model.safetensors")).expect("readable");
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("valid safetensors");
     assert_eq!(
-        meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str),
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
         Some("pt"),
         "transformers needs __metadata__.format"
     );
@@ -264,7 +278,9 @@ impl Llama {
     }
 
     fn t(&self, name: &str) -> &Tensor {
-        self.w.get(name).unwrap_or_else(|| panic!("no tensor {name}"))
+        self.w
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor {name}"))
     }
 
     fn rms(&self, x: &Tensor, w: &str) -> candle_core::Result<Tensor> {
@@ -292,13 +308,22 @@ impl Llama {
         let (cos, sin) = (ang.cos()?, ang.sin()?);
         let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
             let rotated = Tensor::cat(
-                &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
+                &[
+                    &x.narrow(D::Minus1, half, half)?.neg()?,
+                    &x.narrow(D::Minus1, 0, half)?,
+                ],
                 D::Minus1,
             )?;
             x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
         };
         let mask: Vec<f32> = (0..n * n)
-            .map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (n, n), &dev)?;
         let group = self.heads / self.kv_heads;
@@ -322,7 +347,9 @@ impl Llama {
             let kv_index = Tensor::new(kv_index.as_slice(), &dev)?;
             let (k, v) = (k.index_select(&kv_index, 0)?, v.index_select(&kv_index, 0)?);
             let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-            let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+            let scores = scores
+                .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+                .exp()?;
             let probs = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
             let o = probs
                 .matmul(&v)?
@@ -410,7 +437,10 @@ fn unpermuted_qk_reproduces_the_transformers_reference_logits() {
     let model = Llama::load(&c.dir);
     for prompt in prompts {
         let (err, agree, n) = compare_with_reference(&model, prompt);
-        eprintln!("{:?}: max |Δlogit| {err:.2e}, argmax {agree}/{n}", prompt["text"]);
+        eprintln!(
+            "{:?}: max |Δlogit| {err:.2e}, argmax {agree}/{n}",
+            prompt["text"]
+        );
         assert!(err < 2e-3, "{:?}: logits differ by {err}", prompt["text"]);
         assert_eq!(agree, n, "{:?}: argmax", prompt["text"]);
     }
@@ -419,7 +449,10 @@ fn unpermuted_qk_reproduces_the_transformers_reference_logits() {
     let model = model.repermuted();
     let (err, _, _) = compare_with_reference(&model, &prompts[0]);
     eprintln!("with llama.cpp's layout restored: max |Δlogit| {err:.2}");
-    assert!(err > 0.5, "the reference does not discriminate the q/k layout ({err})");
+    assert!(
+        err > 0.5,
+        "the reference does not discriminate the q/k layout ({err})"
+    );
     eprintln!("forward checks took {:.2?}", start.elapsed());
 }
 
@@ -450,7 +483,9 @@ fn tokenizer_round_trips_text_exactly() {
     ];
     for text in texts {
         let ids = encode(&tok, text);
-        let back = tok.decode(&ids, false).unwrap_or_else(|e| panic!("decode {text:?}: {e}"));
+        let back = tok
+            .decode(&ids, false)
+            .unwrap_or_else(|e| panic!("decode {text:?}: {e}"));
         assert_eq!(back, text, "ids {ids:?}");
     }
 }
@@ -495,7 +530,9 @@ fn tokenizer_keeps_special_tokens_whole_and_adds_none() {
     assert_eq!(cfg["add_bos_token"], false);
     let template = cfg["chat_template"].as_str().expect("chat_template");
     assert!(template.contains("<|im_start|>") && template.contains("add_generation_prompt"));
-    let added = cfg["added_tokens_decoder"].as_object().expect("added tokens");
+    let added = cfg["added_tokens_decoder"]
+        .as_object()
+        .expect("added tokens");
     assert_eq!(added.len(), 17, "ids 0-16 are the special tokens");
     assert!(added.values().all(|t| t["special"] == true));
 }
@@ -523,14 +560,22 @@ fn check_requests(
     let mut checked = 0;
     for s in &scored {
         let id = s["id"].as_str().expect("id");
-        let item = items.get(id).unwrap_or_else(|| panic!("{benchmark} has no item {id}"));
+        let item = items
+            .get(id)
+            .unwrap_or_else(|| panic!("{benchmark} has no item {id}"));
         let reqs = requests(item);
-        let want_ids: Vec<Vec<u32>> = serde_json::from_value(s["cont_token_ids"].clone()).expect("ids");
-        let want_ctx: Vec<usize> = serde_json::from_value(s["n_ctx_tokens"].clone()).expect("n_ctx");
+        let want_ids: Vec<Vec<u32>> =
+            serde_json::from_value(s["cont_token_ids"].clone()).expect("ids");
+        let want_ctx: Vec<usize> =
+            serde_json::from_value(s["n_ctx_tokens"].clone()).expect("n_ctx");
         assert_eq!(reqs.len(), want_ids.len(), "{id}: number of requests");
         for (c, (context, continuation)) in reqs.iter().enumerate() {
             let (n_ctx, ids) = lm_eval_split(tok, context, continuation);
-            assert_eq!((n_ctx, &ids), (want_ctx[c], &want_ids[c]), "{id} request {c}: {context:?} + {continuation:?}");
+            assert_eq!(
+                (n_ctx, &ids),
+                (want_ctx[c], &want_ids[c]),
+                "{id} request {c}: {context:?} + {continuation:?}"
+            );
             checked += 1;
         }
     }
@@ -549,19 +594,30 @@ fn strs(v: &Value) -> Vec<String> {
 fn tokenizer_reproduces_the_ids_lm_eval_scored() {
     let c = converted_or_skip!();
     let tok = tokenizer(c);
-    let arc = check_requests(&tok, "arc_challenge_test_first300.jsonl", "arc_challenge_test_first300.jsonl", |item| {
-        let context = format!("Question: {}\nAnswer:", item["question"].as_str().expect("question"));
-        strs(&item["choices"])
-            .into_iter()
-            .map(|choice| (context.clone(), format!(" {choice}")))
-            .collect()
-    });
+    let arc = check_requests(
+        &tok,
+        "arc_challenge_test_first300.jsonl",
+        "arc_challenge_test_first300.jsonl",
+        |item| {
+            let context = format!(
+                "Question: {}\nAnswer:",
+                item["question"].as_str().expect("question")
+            );
+            strs(&item["choices"])
+                .into_iter()
+                .map(|choice| (context.clone(), format!(" {choice}")))
+                .collect()
+        },
+    );
     let winogrande = check_requests(
         &tok,
         "winogrande_validation_first300.jsonl",
         "winogrande_validation_first300.jsonl",
         |item| {
-            let continuation = item["lm_eval_continuation"].as_str().expect("continuation").to_string();
+            let continuation = item["lm_eval_continuation"]
+                .as_str()
+                .expect("continuation")
+                .to_string();
             strs(&item["lm_eval_contexts"])
                 .into_iter()
                 .map(|context| (context, continuation.clone()))
@@ -586,7 +642,9 @@ fn tokenizer_reproduces_the_ids_lm_eval_scored() {
                 .collect()
         },
     );
-    eprintln!("token ids equal lm-eval's for {arc} ARC, {winogrande} WinoGrande, {mmlu} MMLU requests");
+    eprintln!(
+        "token ids equal lm-eval's for {arc} ARC, {winogrande} WinoGrande, {mmlu} MMLU requests"
+    );
     assert_eq!((arc, winogrande, mmlu), (1199, 600, 1140));
 }
 
@@ -605,10 +663,16 @@ fn bf16_conversion_rounds_the_f32_weights_to_nearest() {
     eprintln!("converted (bf16) in {:.2?}", start.elapsed());
     assert_eq!(report.tensors, 272);
     assert_eq!(read_json(&out.join("config.json"))["dtype"], "bfloat16");
-    let f32s = candle_core::safetensors::load(c.dir.join("model.safetensors"), &Device::Cpu).expect("f32");
-    let bf16s = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).expect("bf16");
+    let f32s =
+        candle_core::safetensors::load(c.dir.join("model.safetensors"), &Device::Cpu).expect("f32");
+    let bf16s =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).expect("bf16");
     assert_eq!(f32s.len(), bf16s.len());
-    for name in ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "model.embed_tokens.weight"] {
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.norm.weight",
+        "model.embed_tokens.weight",
+    ] {
         let b = &bf16s[name];
         assert_eq!(b.dtype(), DType::BF16, "{name}");
         let want: Vec<half::bf16> = f32s[name]
@@ -618,7 +682,13 @@ fn bf16_conversion_rounds_the_f32_weights_to_nearest() {
             .into_iter()
             .map(half::bf16::from_f32)
             .collect();
-        assert_eq!(b.flatten_all().and_then(|t| t.to_vec1::<half::bf16>()).expect("bf16"), want, "{name}");
+        assert_eq!(
+            b.flatten_all()
+                .and_then(|t| t.to_vec1::<half::bf16>())
+                .expect("bf16"),
+            want,
+            "{name}"
+        );
     }
 }
 
@@ -636,7 +706,10 @@ fn existing_output_is_kept_without_overwrite() {
         Err(GgufError::OutputExists { path }) => assert_eq!(path, out),
         other => panic!("expected OutputExists, got {other:?}"),
     }
-    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).expect("kept"), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).expect("kept"),
+        "mine"
+    );
 }
 
 #[test]

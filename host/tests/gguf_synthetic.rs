@@ -21,7 +21,9 @@ const LAYERS: usize = 2;
 
 /// GPT-2's byte → printable character table (`bytes_to_unicode` of the GPT-2 encoder).
 fn byte_alphabet() -> Vec<String> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -76,11 +78,19 @@ fn tiny(arch: &str) -> Tiny {
         (a("rope.freq_base"), Value::F32(10_000.0)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         (
             "tokenizer.ggml.merges".into(),
-            Value::Array(["Ġ t", "h e", "Ġt he"].iter().map(|m| Value::String(m.to_string())).collect()),
+            Value::Array(
+                ["Ġ t", "h e", "Ġt he"]
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
@@ -202,25 +212,46 @@ struct Run {
     out: PathBuf,
 }
 
-fn run(model: &Tiny, permute: bool) -> (Run, Result<modelglue::checkpoint::gguf::ConvertReport, GgufError>) {
+fn run(
+    model: &Tiny,
+    permute: bool,
+) -> (
+    Run,
+    Result<modelglue::checkpoint::gguf::ConvertReport, GgufError>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("tiny.gguf");
     let out = dir.path().join("hf");
     model.write(&src, permute);
     let result = convert_gguf(&src, &out, &ConvertOptions::default());
-    (Run { _dir: dir, src, out }, result)
+    (
+        Run {
+            _dir: dir,
+            src,
+            out,
+        },
+        result,
+    )
 }
 
 fn load(out: &Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
         .expect("safetensors")
         .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32")))
+        .map(|(k, t)| {
+            (
+                k,
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32"),
+            )
+        })
         .collect()
 }
 
 fn config(out: &Path) -> Json {
-    serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json")
+    serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config"))
+        .expect("json")
 }
 
 #[test]
@@ -239,7 +270,11 @@ fn llama_q_and_k_come_back_in_hf_layout_exactly() {
             ("ffn_up", "mlp.up_proj"),
         ] {
             let hf = &w[&format!("model.layers.{i}.{h}.weight")];
-            assert_eq!(hf.as_slice(), model.values(&format!("blk.{i}.{g}.weight")), "layer {i} {h}");
+            assert_eq!(
+                hf.as_slice(),
+                model.values(&format!("blk.{i}.{g}.weight")),
+                "layer {i} {h}"
+            );
         }
     }
     let cfg = config(&r.out);
@@ -265,8 +300,14 @@ fn qwen2_is_not_permuted_and_keeps_biases_and_untied_head() {
     result.unwrap_or_else(|e| panic!("{e}"));
     let w = load(&r.out);
     assert_eq!(w.len(), 3 + LAYERS * 12);
-    assert_eq!(w["model.layers.1.self_attn.q_proj.weight"], model.values("blk.1.attn_q.weight"));
-    assert_eq!(w["model.layers.1.self_attn.k_proj.bias"], model.values("blk.1.attn_k.bias"));
+    assert_eq!(
+        w["model.layers.1.self_attn.q_proj.weight"],
+        model.values("blk.1.attn_q.weight")
+    );
+    assert_eq!(
+        w["model.layers.1.self_attn.k_proj.bias"],
+        model.values("blk.1.attn_k.bias")
+    );
     assert_eq!(w["lm_head.weight"], model.values("output.weight"));
     let cfg = config(&r.out);
     assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
@@ -280,19 +321,46 @@ fn gemma3_norms_lose_the_stored_plus_one() {
     let (r, result) = run(&model, false);
     result.unwrap_or_else(|e| panic!("{e}"));
     let w = load(&r.out);
-    let minus_one = |g: &str| model.values(g).iter().map(|v| v - 1.0).collect::<Vec<f32>>();
+    let minus_one = |g: &str| {
+        model
+            .values(g)
+            .iter()
+            .map(|v| v - 1.0)
+            .collect::<Vec<f32>>()
+    };
     for (h, g) in [
         ("model.norm.weight", "output_norm.weight"),
-        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
-        ("model.layers.0.post_attention_layernorm.weight", "blk.0.post_attention_norm.weight"),
-        ("model.layers.0.pre_feedforward_layernorm.weight", "blk.0.ffn_norm.weight"),
-        ("model.layers.0.post_feedforward_layernorm.weight", "blk.0.post_ffw_norm.weight"),
-        ("model.layers.1.self_attn.q_norm.weight", "blk.1.attn_q_norm.weight"),
-        ("model.layers.1.self_attn.k_norm.weight", "blk.1.attn_k_norm.weight"),
+        (
+            "model.layers.0.input_layernorm.weight",
+            "blk.0.attn_norm.weight",
+        ),
+        (
+            "model.layers.0.post_attention_layernorm.weight",
+            "blk.0.post_attention_norm.weight",
+        ),
+        (
+            "model.layers.0.pre_feedforward_layernorm.weight",
+            "blk.0.ffn_norm.weight",
+        ),
+        (
+            "model.layers.0.post_feedforward_layernorm.weight",
+            "blk.0.post_ffw_norm.weight",
+        ),
+        (
+            "model.layers.1.self_attn.q_norm.weight",
+            "blk.1.attn_q_norm.weight",
+        ),
+        (
+            "model.layers.1.self_attn.k_norm.weight",
+            "blk.1.attn_k_norm.weight",
+        ),
     ] {
         assert_eq!(w[h], minus_one(g), "{h}");
     }
-    assert_eq!(w["model.layers.0.self_attn.q_proj.weight"], model.values("blk.0.attn_q.weight"));
+    assert_eq!(
+        w["model.layers.0.self_attn.q_proj.weight"],
+        model.values("blk.0.attn_q.weight")
+    );
     let cfg = config(&r.out);
     assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
     assert_eq!(cfg["model_type"], "gemma3_text");
@@ -304,7 +372,10 @@ fn gemma3_norms_lose_the_stored_plus_one() {
 fn expect_error(model: &Tiny) -> GgufError {
     let (r, result) = run(model, false);
     let err = result.expect_err("conversion must fail");
-    assert!(err.to_string().contains(&r.src.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&r.src.display().to_string()),
+        "{err}"
+    );
     assert!(!r.out.exists());
     let leftovers = std::fs::read_dir(r.src.parent().expect("parent"))
         .expect("readable")
@@ -351,19 +422,29 @@ fn absurd_sizes_are_refused_before_any_arithmetic_on_them() {
 
 #[test]
 fn unknown_architecture_is_named() {
-    let err = expect_error(tiny("llama").set("general.architecture", Value::String("mamba".into())));
-    assert!(err.to_string().contains("supported: llama, qwen2, gemma3"), "{err}");
+    let err =
+        expect_error(tiny("llama").set("general.architecture", Value::String("mamba".into())));
+    assert!(
+        err.to_string().contains("supported: llama, qwen2, gemma3"),
+        "{err}"
+    );
     match err {
-        GgufError::UnsupportedArchitecture { architecture, .. } => assert_eq!(architecture, "mamba"),
+        GgufError::UnsupportedArchitecture { architecture, .. } => {
+            assert_eq!(architecture, "mamba")
+        }
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn unknown_pre_tokenizer_is_named() {
-    match expect_error(tiny("llama").set("tokenizer.ggml.pre", Value::String("chatglm-bpe".into()))) {
+    match expect_error(tiny("llama").set("tokenizer.ggml.pre", Value::String("chatglm-bpe".into())))
+    {
         GgufError::UnsupportedTokenizer { key, value, .. } => {
-            assert_eq!((key.as_str(), value.as_str()), ("tokenizer.ggml.pre", "chatglm-bpe"))
+            assert_eq!(
+                (key.as_str(), value.as_str()),
+                ("tokenizer.ggml.pre", "chatglm-bpe")
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -371,7 +452,10 @@ fn unknown_pre_tokenizer_is_named() {
 
 #[test]
 fn token_type_count_mismatch_is_refused() {
-    let err = expect_error(tiny("llama").set("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1); 3])));
+    let err = expect_error(tiny("llama").set(
+        "tokenizer.ggml.token_type",
+        Value::Array(vec![Value::I32(1); 3]),
+    ));
     match err {
         GgufError::BadValue { key, .. } => assert_eq!(key, "tokenizer.ggml.token_type"),
         other => panic!("{other:?}"),
@@ -397,7 +481,11 @@ fn missing_tensor_is_named() {
 #[test]
 fn unexpected_tensor_is_named() {
     let mut model = tiny("llama");
-    model.tensors.push(("blk.0.attn_sinks.weight".into(), vec![HEADS], vec![0.0; HEADS]));
+    model.tensors.push((
+        "blk.0.attn_sinks.weight".into(),
+        vec![HEADS],
+        vec![0.0; HEADS],
+    ));
     match expect_error(&model) {
         GgufError::UnexpectedTensor { tensor, .. } => assert_eq!(tensor, "blk.0.attn_sinks.weight"),
         other => panic!("{other:?}"),
@@ -407,11 +495,20 @@ fn unexpected_tensor_is_named() {
 #[test]
 fn wrong_shape_is_named_with_both_shapes() {
     let mut model = tiny("llama");
-    let t = model.tensors.iter_mut().find(|t| t.0 == "blk.0.attn_k.weight").expect("k");
+    let t = model
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_k.weight")
+        .expect("k");
     t.1 = vec![HEADS * HEAD_DIM, HIDDEN];
     t.2 = values(HEADS * HEAD_DIM * HIDDEN, 7);
     match expect_error(&model) {
-        GgufError::TensorShape { tensor, found, expected, .. } => {
+        GgufError::TensorShape {
+            tensor,
+            found,
+            expected,
+            ..
+        } => {
             assert_eq!(tensor, "blk.0.attn_k.weight");
             assert_eq!(found, [HEADS * HEAD_DIM, HIDDEN]);
             assert_eq!(expected, [KV_HEADS * HEAD_DIM, HIDDEN]);
@@ -433,7 +530,10 @@ fn missing_and_non_gguf_inputs_are_clear_errors() {
     std::fs::write(&text, "this is not a model\n".repeat(10)).expect("write");
     let err = convert_gguf(&text, &out, &ConvertOptions::default()).expect_err("not gguf");
     assert!(matches!(err, GgufError::Header { .. }), "{err:?}");
-    assert!(err.to_string().contains("notes.gguf") && err.to_string().contains("magic"), "{err}");
+    assert!(
+        err.to_string().contains("notes.gguf") && err.to_string().contains("magic"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -449,8 +549,18 @@ fn unsupported_output_dtype_and_path_are_refused_before_reading() {
         convert_gguf(&src, &dir.path().join("hf"), &opts),
         Err(GgufError::UnsupportedDType { dtype: DType::U8 })
     ));
-    let root = convert_gguf(&src, Path::new("/"), &ConvertOptions { overwrite: true, ..Default::default() });
-    assert!(matches!(root, Err(GgufError::BadOutputPath { .. })), "{root:?}");
+    let root = convert_gguf(
+        &src,
+        Path::new("/"),
+        &ConvertOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        matches!(root, Err(GgufError::BadOutputPath { .. })),
+        "{root:?}"
+    );
 }
 
 #[test]
@@ -467,7 +577,10 @@ fn overwrite_replaces_an_existing_directory_completely() {
     };
     convert_gguf(&src, &out, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.join("model.safetensors").is_file());
-    assert!(!out.join("stale.bin").exists(), "the old directory is replaced, not merged");
+    assert!(
+        !out.join("stale.bin").exists(),
+        "the old directory is replaced, not merged"
+    );
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .expect("readable")
         .filter_map(Result::ok)
@@ -517,6 +630,9 @@ fn damaged_files_never_panic() {
             attempt(&b, &format!("byte {pos} set to {value:#x}"));
         }
     }
-    eprintln!("damaged files: {} converted, {} refused", outcomes[0], outcomes[1]);
+    eprintln!(
+        "damaged files: {} converted, {} refused",
+        outcomes[0], outcomes[1]
+    );
     assert!(outcomes[1] > 0);
 }

@@ -131,7 +131,9 @@ pub enum GgufError {
         architecture: String,
     },
     /// The tokenizer metadata describes a tokenizer this converter cannot rebuild.
-    #[error("{path}: tokenizer `{value}` (GGUF key `{key}`) is not supported; supported: {supported}")]
+    #[error(
+        "{path}: tokenizer `{value}` (GGUF key `{key}`) is not supported; supported: {supported}"
+    )]
     UnsupportedTokenizer {
         /// The GGUF file.
         path: PathBuf,
@@ -212,9 +214,9 @@ pub enum GgufError {
         path: PathBuf,
         /// `the GGUF header` or `tensor \`NAME\``.
         what: String,
-        /// candle's error.
+        /// candle's error (boxed: it is large, and this path is rare).
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// [`ConvertOptions::dtype`] is not one of F32, BF16, F16.
     #[error("cannot write weights as {dtype:?}: choose f32, bf16 or f16")]
@@ -301,7 +303,7 @@ pub fn convert_gguf(
     let content = Content::read(&mut Cursor::new(bytes)).map_err(|source| GgufError::Candle {
         path: src.to_path_buf(),
         what: "the GGUF header".to_string(),
-        source,
+        source: Box::new(source),
     })?;
     let md = Metadata {
         map: &content.metadata,
@@ -399,7 +401,7 @@ fn materialise(
     let candle_err = |source| GgufError::Candle {
         path: src.to_path_buf(),
         what: format!("tensor `{}`", t.gguf_name),
-        source,
+        source: Box::new(source),
     };
     let info = content
         .tensor_infos
@@ -501,7 +503,7 @@ impl<'a> Metadata<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::F32(v)) if v.is_finite() => Ok(Some(*v)),
-            #[allow(clippy::cast_possible_truncation)] // GGUF writers store f32; f64 is a courtesy
+            // GGUF writers store f32; an f64 is accepted and narrowed.
             Some(Value::F64(v)) if v.is_finite() => Ok(Some(*v as f32)),
             Some(v) => Err(self.bad(
                 key,

@@ -92,11 +92,75 @@ mglue_plugin_api::export_plugin!(merge: [Linear]);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelglue::checkpoint::Checkpoint;
+    use modelglue::testing::{ModelInput, PluginHarness};
+    use serde_json::json;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/mergekit")
+    }
+
+    fn harness() -> PluginHarness {
+        PluginHarness::new(mglue_root_module())
+    }
 
     #[test]
     fn widest_dtype_promotes_mixed_halves_to_f32() {
         assert_eq!(widest([DType::BF16, DType::BF16].into_iter()), DType::BF16);
         assert_eq!(widest([DType::F32, DType::BF16].into_iter()), DType::F32);
         assert_eq!(widest([DType::F16, DType::BF16].into_iter()), DType::F32);
+    }
+
+    #[test]
+    fn linear_matches_mergekit_bit_exact_on_every_fixture_tensor() {
+        let zoo = fixtures().join("zoo");
+        let models: Vec<Checkpoint> = ["ft1", "ft2", "ft3"]
+            .iter()
+            .map(|m| Checkpoint::open(&zoo.join(m)).expect("fixture model"))
+            .collect();
+        let expected = Checkpoint::open(&fixtures().join("expected/linear")).expect("fixture output");
+        let h = harness();
+        for name in expected.tensor_names() {
+            let inputs: Vec<ModelInput> = models
+                .iter()
+                .zip([0.5, 0.3, 0.2])
+                .map(|(m, w)| ModelInput::new(m.load(&name).expect("tensor"), json!({ "weight": w })))
+                .collect();
+            let out = h.merge("linear", &json!({"normalize": true}), &inputs, None, None).expect("merge");
+            let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = expected.load(&name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{name}");
+        }
+    }
+
+    #[test]
+    fn linear_rejects_unknown_parameters_and_documents_its_schema() {
+        let h = harness();
+        let err = h.validate("linear", &json!({"normalise": true}), &[json!({"weight": 1.0})], None, false).unwrap_err();
+        assert!(err.to_string().contains("normalise"), "{err}");
+        let err = h.validate("linear", &json!({}), &[json!({})], None, false).unwrap_err();
+        assert!(err.to_string().contains("weight"), "{err}");
+        let info = h.info("linear").expect("registered");
+        assert_eq!(info.params_schema["properties"]["normalize"]["default"], json!(true));
+        assert!(info.model_params_schema["properties"]["weight"]["description"].as_str().unwrap().contains("weight"));
+    }
+
+    #[test]
+    fn linear_refuses_zero_weight_sum_when_normalizing() {
+        let err = harness()
+            .validate("linear", &json!({}), &[json!({"weight": 1.0}), json!({"weight": -1.0})], None, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("sum to 0"), "{err}");
+    }
+
+    #[test]
+    fn linear_of_one_model_returns_it_unchanged() {
+        let t = candle_core::Tensor::new(&[[1.5f32, -2.25], [3.0, 0.125]], &candle_core::Device::Cpu).unwrap();
+        let out = harness()
+            .merge("linear", &json!({}), &[ModelInput::new(t.clone(), json!({"weight": 0.7}))], None, None)
+            .unwrap();
+        assert_eq!(out.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
     }
 }

@@ -117,7 +117,9 @@ impl ModelSpec {
             if v != head_dim {
                 return Err(md.bad(
                     &key("attention.value_length"),
-                    format!("is {v} but the key length is {head_dim}; Hugging Face needs them equal"),
+                    format!(
+                        "is {v} but the key length is {head_dim}; Hugging Face needs them equal"
+                    ),
                 ));
             }
         }
@@ -217,7 +219,9 @@ impl ModelSpec {
 pub(super) enum Transform {
     None,
     /// Undo llama.cpp's RoPE row permutation of a q/k projection with `n_head` heads.
-    UnpermuteRope { n_head: usize },
+    UnpermuteRope {
+        n_head: usize,
+    },
     /// Gemma RMSNorm weights: GGUF holds `1 + w`, Hugging Face holds `w`.
     SubtractOne,
 }
@@ -244,7 +248,12 @@ impl Transform {
 /// within each head, Hugging Face row `t * head_dim/2 + j` (half `t` of RoPE pair `j`) becomes
 /// GGUF row `2j + t`. This is the inverse: reshape to `[n_head, head_dim/2, 2, cols]`, swap axes
 /// 1 and 2, i.e. Hugging Face row `t * head_dim/2 + j` = GGUF row `2j + t`.
-pub(super) fn unpermute_rope_rows(src: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+pub(super) fn unpermute_rope_rows(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Vec<f32> {
     let head_dim = rows / n_head;
     let half = head_dim / 2;
     let mut dst = vec![0f32; src.len()];
@@ -340,31 +349,116 @@ pub(super) fn plan_tensors(
         let g = |n: &str| format!("blk.{i}.{n}");
         let h = |n: &str| format!("model.layers.{i}.{n}");
         let mut layer = vec![
-            (g("attn_q.weight"), h("self_attn.q_proj.weight"), vec![q_rows, s.hidden_size], rope(s.num_heads)),
-            (g("attn_k.weight"), h("self_attn.k_proj.weight"), vec![kv_rows, s.hidden_size], rope(s.num_kv_heads)),
-            (g("attn_v.weight"), h("self_attn.v_proj.weight"), vec![kv_rows, s.hidden_size], Transform::None),
-            (g("attn_output.weight"), h("self_attn.o_proj.weight"), vec![s.hidden_size, q_rows], Transform::None),
-            (g("ffn_gate.weight"), h("mlp.gate_proj.weight"), vec![s.intermediate_size, s.hidden_size], Transform::None),
-            (g("ffn_up.weight"), h("mlp.up_proj.weight"), vec![s.intermediate_size, s.hidden_size], Transform::None),
-            (g("ffn_down.weight"), h("mlp.down_proj.weight"), vec![s.hidden_size, s.intermediate_size], Transform::None),
-            (g("attn_norm.weight"), h("input_layernorm.weight"), vec![s.hidden_size], norm),
+            (
+                g("attn_q.weight"),
+                h("self_attn.q_proj.weight"),
+                vec![q_rows, s.hidden_size],
+                rope(s.num_heads),
+            ),
+            (
+                g("attn_k.weight"),
+                h("self_attn.k_proj.weight"),
+                vec![kv_rows, s.hidden_size],
+                rope(s.num_kv_heads),
+            ),
+            (
+                g("attn_v.weight"),
+                h("self_attn.v_proj.weight"),
+                vec![kv_rows, s.hidden_size],
+                Transform::None,
+            ),
+            (
+                g("attn_output.weight"),
+                h("self_attn.o_proj.weight"),
+                vec![s.hidden_size, q_rows],
+                Transform::None,
+            ),
+            (
+                g("ffn_gate.weight"),
+                h("mlp.gate_proj.weight"),
+                vec![s.intermediate_size, s.hidden_size],
+                Transform::None,
+            ),
+            (
+                g("ffn_up.weight"),
+                h("mlp.up_proj.weight"),
+                vec![s.intermediate_size, s.hidden_size],
+                Transform::None,
+            ),
+            (
+                g("ffn_down.weight"),
+                h("mlp.down_proj.weight"),
+                vec![s.hidden_size, s.intermediate_size],
+                Transform::None,
+            ),
+            (
+                g("attn_norm.weight"),
+                h("input_layernorm.weight"),
+                vec![s.hidden_size],
+                norm,
+            ),
         ];
         if gemma {
             layer.extend([
-                (g("post_attention_norm.weight"), h("post_attention_layernorm.weight"), vec![s.hidden_size], norm),
-                (g("ffn_norm.weight"), h("pre_feedforward_layernorm.weight"), vec![s.hidden_size], norm),
-                (g("post_ffw_norm.weight"), h("post_feedforward_layernorm.weight"), vec![s.hidden_size], norm),
-                (g("attn_q_norm.weight"), h("self_attn.q_norm.weight"), vec![s.head_dim], norm),
-                (g("attn_k_norm.weight"), h("self_attn.k_norm.weight"), vec![s.head_dim], norm),
+                (
+                    g("post_attention_norm.weight"),
+                    h("post_attention_layernorm.weight"),
+                    vec![s.hidden_size],
+                    norm,
+                ),
+                (
+                    g("ffn_norm.weight"),
+                    h("pre_feedforward_layernorm.weight"),
+                    vec![s.hidden_size],
+                    norm,
+                ),
+                (
+                    g("post_ffw_norm.weight"),
+                    h("post_feedforward_layernorm.weight"),
+                    vec![s.hidden_size],
+                    norm,
+                ),
+                (
+                    g("attn_q_norm.weight"),
+                    h("self_attn.q_norm.weight"),
+                    vec![s.head_dim],
+                    norm,
+                ),
+                (
+                    g("attn_k_norm.weight"),
+                    h("self_attn.k_norm.weight"),
+                    vec![s.head_dim],
+                    norm,
+                ),
             ]);
         } else {
-            layer.push((g("ffn_norm.weight"), h("post_attention_layernorm.weight"), vec![s.hidden_size], norm));
+            layer.push((
+                g("ffn_norm.weight"),
+                h("post_attention_layernorm.weight"),
+                vec![s.hidden_size],
+                norm,
+            ));
         }
         if s.attention_bias {
             layer.extend([
-                (g("attn_q.bias"), h("self_attn.q_proj.bias"), vec![q_rows], rope(s.num_heads)),
-                (g("attn_k.bias"), h("self_attn.k_proj.bias"), vec![kv_rows], rope(s.num_kv_heads)),
-                (g("attn_v.bias"), h("self_attn.v_proj.bias"), vec![kv_rows], Transform::None),
+                (
+                    g("attn_q.bias"),
+                    h("self_attn.q_proj.bias"),
+                    vec![q_rows],
+                    rope(s.num_heads),
+                ),
+                (
+                    g("attn_k.bias"),
+                    h("self_attn.k_proj.bias"),
+                    vec![kv_rows],
+                    rope(s.num_kv_heads),
+                ),
+                (
+                    g("attn_v.bias"),
+                    h("self_attn.v_proj.bias"),
+                    vec![kv_rows],
+                    Transform::None,
+                ),
             ]);
         }
         wanted.extend(layer);
@@ -519,8 +613,24 @@ mod tests {
     fn permute_and_unpermute_are_inverses() {
         let (rows, cols, n_head) = (3 * 8, 5, 3);
         let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        assert_eq!(unpermute_rope_rows(&permute_rope_rows(&w, rows, cols, n_head), rows, cols, n_head), w);
-        assert_eq!(permute_rope_rows(&unpermute_rope_rows(&w, rows, cols, n_head), rows, cols, n_head), w);
+        assert_eq!(
+            unpermute_rope_rows(
+                &permute_rope_rows(&w, rows, cols, n_head),
+                rows,
+                cols,
+                n_head
+            ),
+            w
+        );
+        assert_eq!(
+            permute_rope_rows(
+                &unpermute_rope_rows(&w, rows, cols, n_head),
+                rows,
+                cols,
+                n_head
+            ),
+            w
+        );
         assert_ne!(unpermute_rope_rows(&w, rows, cols, n_head), w);
     }
 
@@ -544,7 +654,10 @@ mod tests {
         // Two heads of dim 4, two columns: GGUF rows [a0 b0 a1 b1 | c0 d0 c1 d1] where (a_j, b_j)
         // is RoPE pair j; Hugging Face wants [a0 a1 b0 b1 | c0 c1 d0 d1].
         let row = |r: f32| [r, r + 0.5];
-        let gguf: Vec<f32> = [0., 2., 1., 3., 4., 6., 5., 7.].iter().flat_map(|&r| row(r)).collect();
+        let gguf: Vec<f32> = [0., 2., 1., 3., 4., 6., 5., 7.]
+            .iter()
+            .flat_map(|&r| row(r))
+            .collect();
         let hf = unpermute_rope_rows(&gguf, 8, 2, 2);
         let expected: Vec<f32> = (0..8).flat_map(|r| row(r as f32)).collect();
         assert_eq!(hf, expected);

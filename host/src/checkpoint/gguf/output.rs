@@ -267,7 +267,9 @@ impl SafetensorsWriter {
                 )),
             });
         }
-        self.out.write_all(data).map_err(io_err("write", &self.path))?;
+        self.out
+            .write_all(data)
+            .map_err(io_err("write", &self.path))?;
         self.next += 1;
         Ok(())
     }

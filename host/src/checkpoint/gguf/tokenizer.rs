@@ -213,8 +213,12 @@ pub(super) fn build<'a>(
         pad: id("tokenizer.ggml.padding_token_id")?,
         unk: id("tokenizer.ggml.unknown_token_id")?,
     };
-    let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = md.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let add_bos = md
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let add_eos = md
+        .opt_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
     let chat_template = md.opt_string("tokenizer.chat_template")?;
     let name = |i: Option<u32>| i.map(|i| tokens[i as usize]);
 
@@ -255,17 +259,24 @@ pub(super) fn build<'a>(
     }
 
     let post_processor = if add_bos || add_eos {
-        template_processor(name(special.bos), special.bos, name(special.eos), special.eos, add_bos, add_eos)
-            .ok_or_else(|| {
-                md.bad(
-                    if add_bos {
-                        "tokenizer.ggml.add_bos_token"
-                    } else {
-                        "tokenizer.ggml.add_eos_token"
-                    },
-                    "is true, but the matching bos/eos token id is absent".to_string(),
-                )
-            })?
+        template_processor(
+            name(special.bos),
+            special.bos,
+            name(special.eos),
+            special.eos,
+            add_bos,
+            add_eos,
+        )
+        .ok_or_else(|| {
+            md.bad(
+                if add_bos {
+                    "tokenizer.ggml.add_bos_token"
+                } else {
+                    "tokenizer.ggml.add_eos_token"
+                },
+                "is true, but the matching bos/eos token id is absent".to_string(),
+            )
+        })?
     } else {
         pipeline.byte_level_post
     };
@@ -322,7 +333,10 @@ pub(super) fn build<'a>(
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
     if let (Some(template), Some(obj)) = (chat_template, tokenizer_config.as_object_mut()) {
-        obj.insert("chat_template".to_string(), Json::String(template.to_string()));
+        obj.insert(
+            "chat_template".to_string(),
+            Json::String(template.to_string()),
+        );
     }
 
     Ok(TokenizerFiles {
@@ -350,7 +364,12 @@ fn token_types(md: &Metadata<'_>, n: usize) -> Result<Vec<i64>, GgufError> {
         .map(|(i, v)| {
             int_value(v)
                 .and_then(|x| i64::try_from(x).ok())
-                .ok_or_else(|| md.bad(key, format!("entry {i} should be an integer, found {}", describe(v))))
+                .ok_or_else(|| {
+                    md.bad(
+                        key,
+                        format!("entry {i} should be an integer, found {}", describe(v)),
+                    )
+                })
         })
         .collect()
 }
