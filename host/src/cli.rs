@@ -134,6 +134,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -157,19 +158,18 @@ fn parse_dtype_flag(flag: &str, v: &Option<String>) -> Result<Option<DType>> {
         .transpose()
 }
 
+/// Discovers plugins and prints one warning line per refused file (the run goes on).
 fn registry(cli: &Cli) -> Registry {
-    Registry::discover(&Discovery {
+    let reg = Registry::discover(&Discovery {
         dirs: cli.plugin_dirs.clone(),
         use_env: true,
         use_exe_dir: true,
         allow_insecure_dirs: cli.allow_insecure_plugin_dir,
-    })
-}
-
-fn report_problems(reg: &Registry) {
+    });
     for p in reg.problem_messages() {
         eprintln!("warning: {p}");
     }
+    reg
 }
 
 fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
@@ -229,7 +229,6 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
 
 fn cmd_plugins(cli: &Cli, c: &PluginsCommand) -> Result<()> {
     let reg = registry(cli);
-    report_problems(&reg);
     match c {
         PluginsCommand::List { json } => {
             if *json {
@@ -328,7 +327,6 @@ fn cmd_convert(a: &ConvertArgs) -> Result<()> {
 
 fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
     let reg = registry(cli);
-    report_problems(&reg);
     let table = modelglue::demo::run(&reg, &a.out)?;
     print!("{table}");
     Ok(())

@@ -10,4 +10,5 @@ pub mod config;
 pub mod demo;
 pub mod merge;
 pub mod plugins;
+pub mod runtime;
 pub mod testing;

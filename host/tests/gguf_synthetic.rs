@@ -58,24 +58,15 @@ struct Tiny {
     vocab: usize,
 }
 
-fn tiny(arch: &str) -> Tiny {
+/// Byte-level BPE tokenizer metadata (GPT-2 alphabet, three merges) and its vocabulary size.
+fn gpt2_tokenizer() -> (Vec<(String, Value)>, usize) {
     let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string()];
     tokens.extend(byte_alphabet());
     tokens.extend(["Ġt".to_string(), "he".to_string(), "Ġthe".to_string()]);
-    let vocab = tokens.len();
+    let n = tokens.len();
     let mut types = vec![Value::I32(3), Value::I32(3)];
-    types.extend((2..vocab).map(|_| Value::I32(1)));
-    let a = |k: &str| format!("{arch}.{k}");
-    let metadata = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (a("embedding_length"), Value::U32(HIDDEN as u32)),
-        (a("block_count"), Value::U32(LAYERS as u32)),
-        (a("attention.head_count"), Value::U32(HEADS as u32)),
-        (a("attention.head_count_kv"), Value::U32(KV_HEADS as u32)),
-        (a("feed_forward_length"), Value::U32(FFN as u32)),
-        (a("context_length"), Value::U32(256)),
-        (a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
-        (a("rope.freq_base"), Value::F32(10_000.0)),
+    types.extend((2..n).map(|_| Value::I32(1)));
+    let md = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         (
@@ -95,6 +86,72 @@ fn tiny(arch: &str) -> Tiny {
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
     ];
+    (md, n)
+}
+
+/// The pieces of [`spm_tokenizer`] after the 4 control tokens and 256 byte pieces.
+const SPM_PIECES: [(&str, f32, i32); 6] = [
+    ("\u{2581}", -1.0, 1),
+    ("a", -2.0, 1),
+    ("b", -3.0, 1),
+    ("ab", -4.0, 1),
+    ("\u{2581}ab", -5.0, 1),
+    ("\n", 0.0, 4),
+];
+
+/// SentencePiece (Gemma-style) tokenizer metadata: control tokens, byte pieces, a few scored
+/// pieces, a user-defined newline; BOS added, no space prefix.
+fn spm_tokenizer() -> (Vec<(String, Value)>, usize) {
+    let mut tokens: Vec<(String, f32, i32)> = ["<pad>", "<eos>", "<bos>", "<unk>"]
+        .iter()
+        .map(|t| (t.to_string(), -1000.0, 3))
+        .collect();
+    tokens.extend((0..256).map(|b| (format!("<0x{b:02X}>"), 0.0, 6)));
+    tokens.extend(SPM_PIECES.iter().map(|(p, s, t)| (p.to_string(), *s, *t)));
+    let n = tokens.len();
+    let md = vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
+    ];
+    (md, n)
+}
+
+fn tiny(arch: &str) -> Tiny {
+    tiny_with(arch, gpt2_tokenizer())
+}
+
+fn tiny_with(arch: &str, (tokenizer, vocab): (Vec<(String, Value)>, usize)) -> Tiny {
+    let a = |k: &str| format!("{arch}.{k}");
+    let mut metadata = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (a("embedding_length"), Value::U32(HIDDEN as u32)),
+        (a("block_count"), Value::U32(LAYERS as u32)),
+        (a("attention.head_count"), Value::U32(HEADS as u32)),
+        (a("attention.head_count_kv"), Value::U32(KV_HEADS as u32)),
+        (a("feed_forward_length"), Value::U32(FFN as u32)),
+        (a("context_length"), Value::U32(256)),
+        (a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (a("rope.freq_base"), Value::F32(10_000.0)),
+    ];
+    metadata.extend(tokenizer);
     let mut tensors = Vec::new();
     let mut seed = 1;
     let mut add = |name: String, shape: Vec<usize>| {
@@ -313,6 +370,48 @@ fn qwen2_is_not_permuted_and_keeps_biases_and_untied_head() {
     assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
     assert_eq!(cfg["model_type"], "qwen2");
     assert_eq!(cfg["tie_word_embeddings"], false);
+}
+
+#[test]
+fn sentencepiece_vocabulary_becomes_a_byte_fallback_bpe_tokenizer() {
+    let model = tiny_with("gemma3", spm_tokenizer());
+    let (r, result) = run(&model, false);
+    result.unwrap_or_else(|e| panic!("{e}"));
+    let tok = tokenizers::Tokenizer::from_file(r.out.join("tokenizer.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let piece = |p: &str| {
+        tok.token_to_id(p)
+            .unwrap_or_else(|| panic!("{p:?} not in vocab"))
+    };
+    let text = "ab ab\n\u{e9}";
+    let ids = tok.encode(text, true).expect("encode").get_ids().to_vec();
+    // BOS; "ab" by merges a+b; " ab" as ▁ab (▁ + ab); the user-defined newline whole; é is not
+    // a piece, so its UTF-8 bytes fall back to <0xC3> <0xA9>.
+    assert_eq!(
+        ids,
+        [
+            2,
+            piece("ab"),
+            piece("\u{2581}ab"),
+            piece("\n"),
+            4 + 0xC3,
+            4 + 0xA9
+        ]
+    );
+    assert_eq!(tok.decode(&ids, true).expect("decode"), text);
+    let cfg: Json = serde_json::from_str(
+        &std::fs::read_to_string(r.out.join("tokenizer_config.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(cfg["add_bos_token"], true);
+    assert_eq!(cfg["bos_token"], "<bos>");
+    assert_eq!(cfg["unk_token"], "<unk>");
+    let newline = piece("\n").to_string();
+    assert_eq!(
+        cfg["added_tokens_decoder"][&newline]["special"], false,
+        "user-defined"
+    );
+    assert_eq!(cfg["added_tokens_decoder"]["2"]["special"], true, "control");
 }
 
 #[test]
@@ -617,7 +716,11 @@ fn damaged_files_never_panic() {
             Err(_) => panic!("convert_gguf panicked on {what}"),
         }
     };
-    for n in (0..good.len()).step_by(97) {
+    // Every 5th cut inside the header, 50 cuts through the tensor data.
+    let cuts = (0..header_len)
+        .step_by(5)
+        .chain((header_len..good.len()).step_by((good.len() - header_len) / 50 + 1));
+    for n in cuts {
         attempt(&good[..n], &format!("a {n}-byte prefix"));
     }
     for pos in (0..header_len).step_by(7) {

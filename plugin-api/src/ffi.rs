@@ -222,6 +222,15 @@ pub struct BackendVTable {
     // ---- 1.0 ends here; entries below were appended later and must be checked with `has`. ----
     /// Added in 1.1: `a + t · (b − a)`, fused, in the operands' dtype.
     pub lerp: unsafe extern "C" fn(Ctx, H, H, f64) -> FfiResult<H>,
+    /// Added in 1.2: the rank (1 = smallest) of `|x|` within each row of the last dimension (a
+    /// 1-D tensor is one row, a 0-D tensor one element), as an F32 tensor shaped like x. Equal
+    /// magnitudes are ranked in index order, so the result is deterministic.
+    pub abs_rank_last: unsafe extern "C" fn(Ctx, H) -> FfiResult<H>,
+    /// Added in 1.2: a 0/1 mask shaped and typed like `probs`, element i set with probability
+    /// `probs[i]` (≤ 0 never, ≥ 1 always), from the same counter-based generator as
+    /// `bernoulli_mask` keyed by (seed, stream, i): a constant `probs = p` gives the same mask as
+    /// `bernoulli_mask(p)` for any f32-representable p.
+    pub bernoulli_probs: unsafe extern "C" fn(Ctx, H, u64, u64) -> FfiResult<H>,
 }
 
 // SAFETY: the table is immutable and the host's ctx is Sync (documented requirement).

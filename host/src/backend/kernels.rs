@@ -219,6 +219,39 @@ pub fn bernoulli(n: usize, p: f64, seed: u64, stream: u64) -> Vec<f32> {
     out
 }
 
+/// A 0/1 f32 mask with keep-probability `probs[i]` for element i, drawn from the same
+/// `(seed, stream, index)` counter as [`bernoulli`] (so a constant `p` gives the same mask).
+pub fn bernoulli_probs(probs: &[f32], seed: u64, stream: u64) -> Vec<f32> {
+    let mut out = vec![0f32; probs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(probs.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(ci, (chunk, ps))| {
+            let base = (ci * CHUNK) as u64;
+            for (j, (o, &p)) in chunk.iter_mut().zip(ps).enumerate() {
+                *o = if uniform(seed, stream, base + j as u64) < p as f64 { 1.0 } else { 0.0 };
+            }
+        });
+    out
+}
+
+/// The 1-based ascending rank of |x| within each row of `row` consecutive elements; equal
+/// magnitudes are ranked in index order. Rows are sorted independently (in parallel).
+pub fn abs_rank_rows(values: &[f32], row: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    if row == 0 {
+        return out;
+    }
+    out.par_chunks_mut(row).zip(values.par_chunks(row)).for_each(|(ranks, v)| {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_unstable_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b)));
+        for (r, &i) in order.iter().enumerate() {
+            ranks[i] = (r + 1) as f32;
+        }
+    });
+    out
+}
+
 /// The k-th largest |x| (1-based), by `select_nth_unstable` (O(n)).
 pub fn abs_kth_largest(values: &[f32], k: usize) -> Option<f32> {
     if k == 0 || k > values.len() {
@@ -264,6 +297,25 @@ mod tests {
         assert_eq!(topk_abs_mask(&v, 3), vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         assert_eq!(abs_kth_largest(&v, 1), Some(2.0));
         assert_eq!(topk_abs_mask(&v, 6), vec![1.0; 6]);
+    }
+
+    #[test]
+    fn abs_ranks_are_per_row_ascending_with_ties_in_index_order() {
+        let v = [0.5, -2.0, 1.0, -1.0, 3.0, 0.0];
+        assert_eq!(abs_rank_rows(&v, 3), vec![1.0, 3.0, 2.0, 2.0, 3.0, 1.0]);
+        assert_eq!(abs_rank_rows(&[1.0, -1.0, 0.5], 3), vec![2.0, 3.0, 1.0]);
+    }
+
+    #[test]
+    fn bernoulli_probs_with_a_constant_matches_bernoulli() {
+        let p = vec![0.25f32; 50_000];
+        assert_eq!(bernoulli_probs(&p, 42, 3), bernoulli(50_000, 0.25, 42, 3));
+        let ramp: Vec<f32> = (0..100_000).map(|i| if i % 2 == 0 { 0.1 } else { 0.9 }).collect();
+        let m = bernoulli_probs(&ramp, 7, 0);
+        let even = m.iter().step_by(2).sum::<f32>() / 50_000.0;
+        let odd = m.iter().skip(1).step_by(2).sum::<f32>() / 50_000.0;
+        assert!((even - 0.1).abs() < 0.01 && (odd - 0.9).abs() < 0.01, "{even} {odd}");
+        assert_eq!(bernoulli_probs(&[0.0, 1.0, -1.0, 2.0], 1, 1), vec![0.0, 1.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -96,6 +96,8 @@ impl CandleBackend {
             cat,
             reduce_last,
             lerp,
+            abs_rank_last,
+            bernoulli_probs,
         }
     }
 
@@ -578,5 +580,42 @@ unsafe extern "C" fn lerp(_ctx: *const c_void, a: TensorHandle, b: TensorHandle,
         // SAFETY: live handles.
         let (a, b) = unsafe { (&get(a)?.tensor, &get(b)?.tensor) };
         a + (b - a)?.affine(t, 0.0)?
+    })
+}
+
+unsafe extern "C" fn abs_rank_last(_ctx: *const c_void, h: TensorHandle) -> FfiResult<TensorHandle> {
+    fresh(|| {
+        // SAFETY: live handle.
+        let t = &unsafe { get(h) }?.tensor;
+        let row = t.dims().last().copied().unwrap_or(1);
+        // Any device and dtype: the values come to the host as f32 (exact for f32/f16/bf16) and
+        // the ranks are computed by one kernel, so the tie order is the same everywhere.
+        let ranks = kernels::abs_rank_rows(&f32_values(t)?, row);
+        kernels::tensor_from_f32(ranks, t.dims(), DType::F32)?.to_device(t.device())
+    })
+}
+
+unsafe extern "C" fn bernoulli_probs(
+    _ctx: *const c_void,
+    h: TensorHandle,
+    seed: u64,
+    stream: u64,
+) -> FfiResult<TensorHandle> {
+    fresh(|| {
+        // SAFETY: live handle.
+        let t = &unsafe { get(h) }?.tensor;
+        if !t.dtype().is_float() {
+            candle_core::bail!("bernoulli_probs needs float probabilities, got {:?}", t.dtype());
+        }
+        // The generator runs on the host for every device, as for `bernoulli_mask`, so a mask
+        // does not depend on where the tensors live.
+        let mask = match kernels::with_float_slice(t, |s| match s {
+            kernels::FloatSlice::F32(p) => Some(kernels::bernoulli_probs(p, seed, stream)),
+            _ => None,
+        }) {
+            Some(Some(mask)) => mask,
+            _ => kernels::bernoulli_probs(&f32_values(t)?, seed, stream),
+        };
+        kernels::tensor_from_f32(mask, t.dims(), t.dtype())?.to_device(t.device())
     })
 }

@@ -280,7 +280,8 @@ impl Registry {
     }
 
     fn problem(&self, error: PluginError) {
-        tracing::warn!("{error}");
+        // Reported once by the caller (the CLI prints every problem as a warning line).
+        tracing::debug!("{error}");
         if let Ok(mut p) = self.problems.lock() {
             p.push(error.to_string());
         }

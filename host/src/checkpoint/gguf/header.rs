@@ -182,7 +182,7 @@ pub(super) fn validate(bytes: &[u8], path: &Path) -> Result<(), GgufError> {
             ggml_type: type_id,
         })?;
         let block = dtype.block_size() as u64;
-        if !elements.is_multiple_of(block) {
+        if elements % block != 0 {
             return Err(r.tensor_err(
                 &name,
                 format!(

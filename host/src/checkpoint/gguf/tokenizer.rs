@@ -1,21 +1,32 @@
 //! `tokenizer.json` and `tokenizer_config.json` rebuilt from the GGUF vocabulary.
 //!
-//! GGUF keeps the vocabulary (`tokenizer.ggml.tokens`, in the byte-level alphabet for BPE
-//! models), the merges, a type per token (1 normal, 2 unknown, 3 control, 4 user-defined,
-//! 5 unused, 6 byte) and the name of llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`), which
-//! stands for the regex split the original Hugging Face tokenizer used. This module writes the
-//! Hugging Face `tokenizers` pipeline that matches each known pre-tokenizer name.
+//! GGUF keeps the vocabulary (`tokenizer.ggml.tokens`) and a type per token (1 normal,
+//! 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte — SentencePiece's numbering), and
+//! then, by `tokenizer.ggml.model`:
+//!
+//! - `gpt2`: byte-level BPE. The tokens are in GPT-2's byte alphabet, `tokenizer.ggml.merges`
+//!   holds the merges, and `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer, which stands
+//!   for the regex split of the original Hugging Face tokenizer; each known name maps to the
+//!   `tokenizers` pipeline it came from.
+//! - `llama`: SentencePiece BPE (Llama 2, Gemma). There are no merges, only a score per piece;
+//!   the merges are derived from the scores exactly as transformers' `SpmConverter` does when it
+//!   writes a `tokenizer.json` for these models, and the pipeline is its (byte fallback, `▁` for
+//!   spaces, optional `▁` prefix per `tokenizer.ggml.add_space_prefix`).
+//!
+//! Control and user-defined tokens become added tokens (special and not special respectively),
+//! as transformers' converters make them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value as Json};
 
+use candle_core::quantized::gguf_file::Value;
+
 use super::{describe, int_value, GgufError, Metadata};
 
-/// llama.cpp token types (`llama_token_type`).
-const TYPE_UNKNOWN: i64 = 2;
+/// llama.cpp token types (`llama_token_type`, SentencePiece's `Type`).
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
 
@@ -50,7 +61,8 @@ pub(super) struct TokenizerJson<'a> {
     model: BpeModel<'a>,
 }
 
-/// The `model` section: byte-level BPE without an unknown token (every byte is in the vocabulary).
+/// The `model` section: BPE, byte-level (no unknown token: every byte is in the vocabulary) or
+/// SentencePiece-style (byte fallback for characters outside the vocabulary).
 #[derive(Serialize)]
 struct BpeModel<'a> {
     #[serde(rename = "type")]
@@ -63,7 +75,22 @@ struct BpeModel<'a> {
     byte_fallback: bool,
     ignore_merges: bool,
     vocab: OrderedVocab<'a>,
-    /// Pairs (`[["Ġ", "t"], …]`), the unambiguous format of tokenizers ≥ 0.20.
+    /// Pairs (`[["Ġ", "t"], …]`), the unambiguous format of tokenizers ≥ 0.20 (SentencePiece
+    /// pieces may contain spaces).
+    merges: Vec<(&'a str, &'a str)>,
+}
+
+/// The model-specific parts of `tokenizer.json`.
+struct Pipeline<'a> {
+    normalizer: Json,
+    pre_tokenizer: Json,
+    /// The post-processor when no BOS/EOS is added.
+    plain_post: Json,
+    decoder: Json,
+    unk_token: Option<&'a str>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
     merges: Vec<(&'a str, &'a str)>,
 }
 
@@ -78,11 +105,11 @@ const SUPPORTED_PRE: &str = "smollm, starcoder, refact (digits split, then GPT-2
 const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// The parts of `tokenizer.json` that depend on the pre-tokenizer.
-struct Pipeline {
+/// The byte-level pipeline for a llama.cpp pre-tokenizer name.
+struct ByteLevelPipeline {
     normalizer: Json,
     pre_tokenizer: Json,
-    byte_level_post: Json,
+    post: Json,
     decoder: Json,
     ignore_merges: bool,
 }
@@ -106,10 +133,10 @@ fn split_then_byte_level(regex: &str) -> Json {
     })
 }
 
-fn pipeline_for(pre: &str) -> Option<Pipeline> {
+fn byte_level_pipeline(pre: &str) -> Option<ByteLevelPipeline> {
     Some(match pre {
         // llama.cpp's STARCODER/REFACT/SMOLLM types: `\p{N}` split first, then the GPT-2 regex.
-        "smollm" | "starcoder" | "refact" => Pipeline {
+        "smollm" | "starcoder" | "refact" => ByteLevelPipeline {
             normalizer: Json::Null,
             pre_tokenizer: json!({
                 "type": "Sequence",
@@ -118,28 +145,28 @@ fn pipeline_for(pre: &str) -> Option<Pipeline> {
                     byte_level(false, true, true),
                 ],
             }),
-            byte_level_post: byte_level(false, true, true),
+            post: byte_level(false, true, true),
             decoder: byte_level(false, true, true),
             ignore_merges: false,
         },
-        "gpt-2" | "gpt2" => Pipeline {
+        "gpt-2" | "gpt2" => ByteLevelPipeline {
             normalizer: Json::Null,
             pre_tokenizer: byte_level(false, true, true),
-            byte_level_post: byte_level(false, true, true),
+            post: byte_level(false, true, true),
             decoder: byte_level(false, true, true),
             ignore_merges: false,
         },
-        "qwen2" | "deepseek-r1-qwen" => Pipeline {
+        "qwen2" | "deepseek-r1-qwen" => ByteLevelPipeline {
             normalizer: json!({"type": "NFC"}),
             pre_tokenizer: split_then_byte_level(REGEX_QWEN2),
-            byte_level_post: byte_level(false, false, false),
+            post: byte_level(false, false, false),
             decoder: byte_level(false, false, false),
             ignore_merges: false,
         },
-        "llama-bpe" | "llama3" | "smaug-bpe" => Pipeline {
+        "llama-bpe" | "llama3" | "smaug-bpe" => ByteLevelPipeline {
             normalizer: Json::Null,
             pre_tokenizer: split_then_byte_level(REGEX_LLAMA3),
-            byte_level_post: byte_level(true, false, true),
+            post: byte_level(true, false, true),
             decoder: byte_level(true, true, true),
             ignore_merges: true,
         },
@@ -156,22 +183,14 @@ pub(super) fn build<'a>(
     context_length: usize,
 ) -> Result<TokenizerFiles<'a>, GgufError> {
     let model = md.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(GgufError::UnsupportedTokenizer {
             path: md.path().to_path_buf(),
             key: "tokenizer.ggml.model".to_string(),
             value: model.to_string(),
-            supported: "gpt2 (byte-level BPE)",
+            supported: "gpt2 (byte-level BPE), llama (SentencePiece BPE)",
         });
     }
-    let pre = md.opt_string("tokenizer.ggml.pre")?.unwrap_or("default");
-    let pipeline = pipeline_for(pre).ok_or_else(|| GgufError::UnsupportedTokenizer {
-        path: md.path().to_path_buf(),
-        key: "tokenizer.ggml.pre".to_string(),
-        value: pre.to_string(),
-        supported: SUPPORTED_PRE,
-    })?;
-
     let tokens = md.string_array("tokenizer.ggml.tokens")?;
     if tokens.is_empty() || tokens.len() > vocab_size {
         return Err(md.bad(
@@ -184,19 +203,6 @@ pub(super) fn build<'a>(
         ));
     }
     let types = token_types(md, tokens.len())?;
-    let merges = md.string_array("tokenizer.ggml.merges")?;
-    let merges: Vec<(&'a str, &'a str)> = merges
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.split_once(' ').ok_or_else(|| {
-                md.bad(
-                    "tokenizer.ggml.merges",
-                    format!("entry {i} ({m:?}) is not two tokens separated by a space"),
-                )
-            })
-        })
-        .collect::<Result<_, _>>()?;
 
     let id = |key: &str| -> Result<Option<u32>, GgufError> {
         match md.opt_u32(key)? {
@@ -213,24 +219,26 @@ pub(super) fn build<'a>(
         pad: id("tokenizer.ggml.padding_token_id")?,
         unk: id("tokenizer.ggml.unknown_token_id")?,
     };
+    let sentencepiece = model == "llama";
+    // llama.cpp's defaults: SentencePiece models add BOS, byte-level ones do not.
     let add_bos = md
         .opt_bool("tokenizer.ggml.add_bos_token")?
-        .unwrap_or(false);
+        .unwrap_or(sentencepiece);
     let add_eos = md
         .opt_bool("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
     let chat_template = md.opt_string("tokenizer.chat_template")?;
     let name = |i: Option<u32>| i.map(|i| tokens[i as usize]);
 
-    // Control and unknown tokens are special (never split, skipped by skip_special_tokens);
-    // user-defined ones are matched whole but decode as text. None is normalised.
+    // Control tokens are special (never split, skipped by skip_special_tokens); user-defined
+    // ones are matched whole but decode as text. None is normalised.
     let added: Vec<AddedToken<'_>> = tokens
         .iter()
         .zip(&types)
         .enumerate()
         .filter_map(|(i, (content, ty))| {
             let special = match *ty {
-                TYPE_CONTROL | TYPE_UNKNOWN => true,
+                TYPE_CONTROL => true,
                 TYPE_USER_DEFINED => false,
                 _ => return None,
             };
@@ -258,6 +266,29 @@ pub(super) fn build<'a>(
         }
     }
 
+    let pipeline = if sentencepiece {
+        sentencepiece_pipeline(md, &tokens, &vocab, name(special.unk))?
+    } else {
+        let pre = md.opt_string("tokenizer.ggml.pre")?.unwrap_or("default");
+        let p = byte_level_pipeline(pre).ok_or_else(|| GgufError::UnsupportedTokenizer {
+            path: md.path().to_path_buf(),
+            key: "tokenizer.ggml.pre".to_string(),
+            value: pre.to_string(),
+            supported: SUPPORTED_PRE,
+        })?;
+        Pipeline {
+            normalizer: p.normalizer,
+            pre_tokenizer: p.pre_tokenizer,
+            plain_post: p.post,
+            decoder: p.decoder,
+            unk_token: None,
+            fuse_unk: false,
+            byte_fallback: false,
+            ignore_merges: p.ignore_merges,
+            merges: gpt2_merges(md)?,
+        }
+    };
+
     let post_processor = if add_bos || add_eos {
         template_processor(
             name(special.bos),
@@ -278,7 +309,7 @@ pub(super) fn build<'a>(
             )
         })?
     } else {
-        pipeline.byte_level_post
+        pipeline.plain_post
     };
 
     let added_decoder: serde_json::Map<String, Json> = added
@@ -309,14 +340,14 @@ pub(super) fn build<'a>(
         model: BpeModel {
             kind: "BPE",
             dropout: None,
-            unk_token: None,
+            unk_token: pipeline.unk_token,
             continuing_subword_prefix: None,
             end_of_word_suffix: None,
-            fuse_unk: false,
-            byte_fallback: false,
+            fuse_unk: pipeline.fuse_unk,
+            byte_fallback: pipeline.byte_fallback,
             ignore_merges: pipeline.ignore_merges,
             vocab: OrderedVocab(vocab),
-            merges,
+            merges: pipeline.merges,
         },
     };
 
@@ -344,6 +375,127 @@ pub(super) fn build<'a>(
         tokenizer_config_json: tokenizer_config,
         special,
     })
+}
+
+/// `tokenizer.ggml.merges` of a byte-level BPE model, as pairs.
+fn gpt2_merges<'a>(md: &Metadata<'a>) -> Result<Vec<(&'a str, &'a str)>, GgufError> {
+    let key = "tokenizer.ggml.merges";
+    md.string_array(key)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ').ok_or_else(|| {
+                md.bad(
+                    key,
+                    format!("entry {i} ({m:?}) is not two tokens separated by a space"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The pipeline transformers' `SpmConverter` writes for a SentencePiece BPE model (its
+/// `LlamaConverter` with `legacy = True`, and `GemmaConverter`, whose `add_dummy_prefix` is off):
+/// spaces become `▁` (after prepending one when `tokenizer.ggml.add_space_prefix`, default on as
+/// in llama.cpp), characters outside the vocabulary fall back to `<0xXX>` byte pieces, and the
+/// decoder undoes both.
+fn sentencepiece_pipeline<'a>(
+    md: &Metadata<'a>,
+    tokens: &[&'a str],
+    vocab: &[(&'a str, u32)],
+    unk: Option<&'a str>,
+) -> Result<Pipeline<'a>, GgufError> {
+    let key = "tokenizer.ggml.scores";
+    let scores = md.array(key)?;
+    if scores.len() != tokens.len() {
+        return Err(md.bad(
+            key,
+            format!(
+                "has {} entries but there are {} tokens",
+                scores.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    let scores: Vec<f32> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::F32(x) if !x.is_nan() => Ok(*x),
+            v => Err(md.bad(
+                key,
+                format!("entry {i} should be an f32, found {}", describe(v)),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    let add_prefix = md
+        .opt_bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let (normalizer, decoder) = if add_prefix {
+        (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                replace,
+            ]}),
+            json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ]}),
+        )
+    } else {
+        (
+            replace,
+            json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ]}),
+        )
+    };
+    Ok(Pipeline {
+        normalizer,
+        pre_tokenizer: Json::Null,
+        plain_post: Json::Null,
+        decoder,
+        unk_token: unk,
+        fuse_unk: true,
+        byte_fallback: true,
+        ignore_merges: false,
+        merges: sentencepiece_merges(vocab, &scores),
+    })
+}
+
+/// BPE merges for a SentencePiece vocabulary, derived as transformers'
+/// `SentencePieceExtractor.extract(vocab_scores)` does: every split of every piece into two
+/// pieces of the vocabulary is a merge ranked by the whole piece's score (higher first), then by
+/// the lengths in characters of the left and right parts (longer first); ties keep vocabulary
+/// order, and the splits of one piece are ordered by the ids of their parts.
+fn sentencepiece_merges<'a>(vocab: &[(&'a str, u32)], scores: &[f32]) -> Vec<(&'a str, &'a str)> {
+    let index: HashMap<&str, u32> = vocab.iter().copied().collect();
+    let mut merges: Vec<(f32, usize, usize, &'a str, &'a str)> = Vec::new();
+    let mut local: Vec<(u32, u32, &'a str, &'a str)> = Vec::new();
+    for &(piece, id) in vocab {
+        local.clear();
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&il), Some(&ir)) = (index.get(l), index.get(r)) {
+                local.push((il, ir, l, r));
+            }
+        }
+        local.sort_by_key(|&(il, ir, _, _)| (il, ir));
+        let score = scores[id as usize];
+        merges.extend(
+            local
+                .iter()
+                .map(|&(_, _, l, r)| (score, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // Stable, so equal keys keep their order, as Python's sorted(..., reverse=True) does.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
 }
 
 /// `tokenizer.ggml.token_type`, one integer per token; all normal when absent.
@@ -438,5 +590,44 @@ impl Serialize for OrderedVocab<'_> {
             m.serialize_entry(token, id)?;
         }
         m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expected output from transformers' `SentencePieceExtractor.extract` logic on the same
+    /// toy vocabulary:
+    ///
+    /// ```python
+    /// vocab_scores = [("▁", -1.0), ("a", -2.0), ("b", -3.0), ("ab", -4.0), ("▁a", -4.0),
+    ///                 ("▁ab", -5.0), ("ba", -4.0), ("aba", -6.0), ("é", -7.0)]
+    /// vocab = {p: i for i, (p, _) in enumerate(vocab_scores)}
+    /// merges = []
+    /// for merge, piece_score in dict(vocab_scores).items():
+    ///     local = [(merge[:i], merge[i:], piece_score) for i in range(1, len(merge))
+    ///              if merge[:i] in vocab and merge[i:] in vocab]
+    ///     merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    /// merges = sorted(merges, key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    /// # [('a', 'b'), ('▁', 'a'), ('b', 'a'), ('▁a', 'b'), ('▁', 'ab'), ('ab', 'a'), ('a', 'ba')]
+    /// ```
+    #[test]
+    fn sentencepiece_merges_follow_transformers_extractor_order() {
+        let pieces = ["▁", "a", "b", "ab", "▁a", "▁ab", "ba", "aba", "é"];
+        let scores = [-1.0, -2.0, -3.0, -4.0, -4.0, -5.0, -4.0, -6.0, -7.0];
+        let vocab: Vec<(&str, u32)> = pieces.iter().zip(0..).map(|(p, i)| (*p, i)).collect();
+        assert_eq!(
+            sentencepiece_merges(&vocab, &scores),
+            [
+                ("a", "b"),
+                ("▁", "a"),
+                ("b", "a"),
+                ("▁a", "b"),
+                ("▁", "ab"),
+                ("ab", "a"),
+                ("a", "ba")
+            ]
+        );
     }
 }
