@@ -6,11 +6,15 @@ use clap::{Args, Parser, Subcommand};
 use modelglue::checkpoint::{self, DType};
 use modelglue::config::{parse_model_flag, parse_param_flag, MergeConfig, ParamMap};
 use modelglue::merge::{MergeOptions, MergePlan};
-use modelglue::plugins::{Discovery, Registry};
+use modelglue::plugins::{Discovery, PluginLock, Registry};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "mglue", version, about = "Merge, mix and search LLM checkpoints with plugins (Model-GLUE in Rust)")]
+#[command(
+    name = "mglue",
+    version,
+    about = "Merge, mix and search LLM checkpoints with plugins (Model-GLUE in Rust)"
+)]
 struct Cli {
     /// A directory to load plugins from (repeatable; searched before MGLUE_PLUGIN_PATH and the executable's directory).
     #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
@@ -18,6 +22,9 @@ struct Cli {
     /// Load plugins from directories that every user can write to.
     #[arg(long, global = true)]
     allow_insecure_plugin_dir: bool,
+    /// Load only the plugin libraries whose sha256 is in this lock file (see `mglue plugins lock`).
+    #[arg(long, global = true, value_name = "LOCKFILE", num_args = 0..=1, default_missing_value = "mglue-plugins.lock")]
+    locked: Option<PathBuf>,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -48,6 +55,12 @@ enum PluginsCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the sha256 of every plugin library in use to a lock file (for `--locked`).
+    Lock {
+        /// The lock file.
+        #[arg(long, default_value = "mglue-plugins.lock")]
+        out: PathBuf,
     },
     /// A plugin's description and parameter schema.
     Show {
@@ -141,11 +154,23 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim().to_ascii_uppercase();
-    let (num, mult) = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1.0)]
-        .iter()
-        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
-        .unwrap_or((t.clone(), 1.0));
-    let v: f64 = num.parse().with_context(|| format!("--out-shard-size {text:?}: expected a size such as 5GB, 500MB or 1000000"))?;
+    let (num, mult) = [
+        ("TB", 1e12),
+        ("GB", 1e9),
+        ("MB", 1e6),
+        ("KB", 1e3),
+        ("T", 1e12),
+        ("G", 1e9),
+        ("M", 1e6),
+        ("K", 1e3),
+        ("B", 1.0),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1.0));
+    let v: f64 = num.parse().with_context(|| {
+        format!("--out-shard-size {text:?}: expected a size such as 5GB, 500MB or 1000000")
+    })?;
     if v <= 0.0 {
         bail!("--out-shard-size {text:?} must be positive");
     }
@@ -154,33 +179,44 @@ fn parse_size(text: &str) -> Result<u64> {
 
 fn parse_dtype_flag(flag: &str, v: &Option<String>) -> Result<Option<DType>> {
     v.as_deref()
-        .map(|s| checkpoint::parse_dtype(s).with_context(|| format!("{flag} {s:?}: expected float32, bfloat16 or float16")))
+        .map(|s| {
+            checkpoint::parse_dtype(s)
+                .with_context(|| format!("{flag} {s:?}: expected float32, bfloat16 or float16"))
+        })
         .transpose()
 }
 
 /// Discovers plugins and prints one warning line per refused file (the run goes on).
-fn registry(cli: &Cli) -> Registry {
+fn registry(cli: &Cli) -> Result<Registry> {
+    let lock = cli.locked.as_deref().map(PluginLock::read).transpose()?;
     let reg = Registry::discover(&Discovery {
         dirs: cli.plugin_dirs.clone(),
         use_env: true,
         use_exe_dir: true,
         allow_insecure_dirs: cli.allow_insecure_plugin_dir,
+        lock,
     });
     for p in reg.problem_messages() {
         eprintln!("warning: {p}");
     }
-    reg
+    Ok(reg)
 }
 
 fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
     let config = match (&a.config, &a.method) {
-        (Some(_), Some(_)) => bail!("give either a config file or --method with --model flags, not both"),
+        (Some(_), Some(_)) => {
+            bail!("give either a config file or --method with --model flags, not both")
+        }
         (Some(path), None) => MergeConfig::from_yaml_file(path)?,
         (None, Some(method)) => {
             if a.models.is_empty() {
                 bail!("--method {method} needs at least one --model PATH[:weight=…]");
             }
-            let models = a.models.iter().map(|m| parse_model_flag(m)).collect::<Result<Vec<_>, _>>()?;
+            let models = a
+                .models
+                .iter()
+                .map(|m| parse_model_flag(m))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut global = ParamMap::new();
             for p in &a.params {
                 let (k, v) = parse_param_flag(p)?;
@@ -197,8 +233,9 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
         }
         (None, None) => bail!("give a mergekit YAML config, or --method NAME with --model flags"),
     };
-    let reg = registry(cli);
-    let plan = MergePlan::new(&config, &reg).context("the merge plan is invalid; nothing was read or written")?;
+    let reg = registry(cli)?;
+    let plan =
+        MergePlan::new(&config, &reg).context("the merge plan is invalid; nothing was read or written")?;
     let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
     eprintln!(
         "plan: {} tensors with `{}`; peak memory bound ≈ {:.1} MB with {threads} threads",
@@ -207,7 +244,11 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
         plan.peak_estimate_bytes(threads) as f64 / 1e6
     );
     if a.dry_run {
-        println!("valid: {} tensors would be written to {}", plan.len(), a.out.display());
+        println!(
+            "valid: {} tensors would be written to {}",
+            plan.len(),
+            a.out.display()
+        );
         return Ok(());
     }
     let mut opts = MergeOptions::new(&a.out);
@@ -216,7 +257,11 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
     opts.seed = a.seed;
     opts.threads = a.threads;
     opts.progress = !cli.quiet;
-    let r = plan.run(&opts, None)?;
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancel.clone();
+    // On Ctrl-C the workers stop, the partial directory is removed, and nothing appears at --out.
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
+    let r = plan.run(&opts, Some(&cancel))?;
     println!(
         "wrote {} ({} tensors, {:.1} MB) in {:.2}s",
         r.out_dir.display(),
@@ -228,7 +273,7 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
 }
 
 fn cmd_plugins(cli: &Cli, c: &PluginsCommand) -> Result<()> {
-    let reg = registry(cli);
+    let reg = registry(cli)?;
     match c {
         PluginsCommand::List { json } => {
             if *json {
@@ -257,6 +302,11 @@ fn cmd_plugins(cli: &Cli, c: &PluginsCommand) -> Result<()> {
                 }
             }
         }
+        PluginsCommand::Lock { out } => {
+            let lock = reg.to_lock()?;
+            lock.write(out)?;
+            println!("locked {} libraries in {}", lock.libraries.len(), out.display());
+        }
         PluginsCommand::Show { name, json } => {
             let p = reg.get(name).with_context(|| {
                 let names: Vec<_> = reg.plugins().map(|p| p.info.name.clone()).collect();
@@ -271,11 +321,20 @@ fn cmd_plugins(cli: &Cli, c: &PluginsCommand) -> Result<()> {
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{} ({} plugin, version {}, plugin-api {})", p.info.name, p.info.kind.as_str(), p.info.version, p.info.api_version);
+                println!(
+                    "{} ({} plugin, version {}, plugin-api {})",
+                    p.info.name,
+                    p.info.kind.as_str(),
+                    p.info.version,
+                    p.info.api_version
+                );
                 println!("{}", p.info.description);
                 println!("file: {}\n", p.info.path.display());
                 print_params("Global parameters (`parameters:`)", &p.info.params_schema);
-                print_params("Per-model parameters (`models[].parameters`)", &p.info.model_params_schema);
+                print_params(
+                    "Per-model parameters (`models[].parameters`)",
+                    &p.info.model_params_schema,
+                );
             }
         }
     }
@@ -300,8 +359,15 @@ fn print_params(title: &str, schema: &serde_json::Value) {
                         other => other.to_string(),
                     })
                     .unwrap_or_else(|| "any".into());
-                let default = p.get("default").map(|d| format!(", default {d}")).unwrap_or_default();
-                let req = if required.contains(&name.as_str()) { ", required" } else { "" };
+                let default = p
+                    .get("default")
+                    .map(|d| format!(", default {d}"))
+                    .unwrap_or_default();
+                let req = if required.contains(&name.as_str()) {
+                    ", required"
+                } else {
+                    ""
+                };
                 let desc = p.get("description").and_then(|d| d.as_str()).unwrap_or("");
                 println!("  {name} ({ty}{req}{default})\n      {desc}");
             }
@@ -312,8 +378,12 @@ fn print_params(title: &str, schema: &serde_json::Value) {
 }
 
 fn cmd_convert(a: &ConvertArgs) -> Result<()> {
-    let dtype = checkpoint::parse_dtype(&a.dtype).with_context(|| format!("--dtype {:?}: expected float32, bfloat16 or float16", a.dtype))?;
-    let opts = checkpoint::gguf::ConvertOptions { dtype, overwrite: a.overwrite };
+    let dtype = checkpoint::parse_dtype(&a.dtype)
+        .with_context(|| format!("--dtype {:?}: expected float32, bfloat16 or float16", a.dtype))?;
+    let opts = checkpoint::gguf::ConvertOptions {
+        dtype,
+        overwrite: a.overwrite,
+    };
     let r = checkpoint::gguf::convert_gguf(&a.input, &a.out, &opts)?;
     println!(
         "wrote {} ({} architecture, {} tensors, vocabulary {})",
@@ -326,7 +396,7 @@ fn cmd_convert(a: &ConvertArgs) -> Result<()> {
 }
 
 fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
-    let reg = registry(cli);
+    let reg = registry(cli)?;
     let table = modelglue::demo::run(&reg, &a.out)?;
     print!("{table}");
     Ok(())

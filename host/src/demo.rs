@@ -26,10 +26,22 @@ pub fn llama_layout() -> Vec<(String, Vec<usize>)> {
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         v.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![HEADS * head_dim, HIDDEN]));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * head_dim, HIDDEN]));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * head_dim, HIDDEN]));
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * head_dim]));
+        v.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![HEADS * head_dim, HIDDEN],
+        ));
+        v.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![KV_HEADS * head_dim, HIDDEN],
+        ));
+        v.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![KV_HEADS * head_dim, HIDDEN],
+        ));
+        v.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![HIDDEN, HEADS * head_dim],
+        ));
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN]));
         v.push((format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN]));
@@ -64,7 +76,11 @@ pub fn write_model(dir: &Path, init_seed: u64, tune_seed: Option<u64>) -> Result
     let layout = llama_layout();
     let plan: Vec<OutTensor> = layout
         .iter()
-        .map(|(n, s)| OutTensor { name: n.clone(), dtype: DType::F32, shape: s.clone() })
+        .map(|(n, s)| OutTensor {
+            name: n.clone(),
+            dtype: DType::F32,
+            shape: s.clone(),
+        })
         .collect();
     let writer = CheckpointWriter::create(dir, &plan, u64::MAX, true)?;
     for (k, (name, shape)) in layout.iter().enumerate() {
@@ -72,7 +88,11 @@ pub fn write_model(dir: &Path, init_seed: u64, tune_seed: Option<u64>) -> Result
         let norm = name.ends_with("norm.weight");
         let vals: Vec<f32> = (0..n as u64)
             .map(|i| {
-                let init = if norm { 1.0 + 0.1 * normal(init_seed, k as u64, i) } else { 0.15 * normal(init_seed, k as u64, i) };
+                let init = if norm {
+                    1.0 + 0.1 * normal(init_seed, k as u64, i)
+                } else {
+                    0.15 * normal(init_seed, k as u64, i)
+                };
                 let tune = tune_seed.map_or(0.0, |s| 0.02 * 0.15 * normal(s, k as u64, i));
                 init + tune
             })
@@ -85,7 +105,11 @@ pub fn write_model(dir: &Path, init_seed: u64, tune_seed: Option<u64>) -> Result
 }
 
 fn values(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
-    Ok(ck.load_as(name, DType::F32)?.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+    Ok(ck
+        .load_as(name, DType::F32)?
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?)
 }
 
 /// Runs the demo under `out` and returns the comparison table (Markdown).
@@ -97,22 +121,46 @@ pub fn run(registry: &Registry, out: &Path) -> Result<String> {
         m.insert("weight".into(), ParamValue::Number(w));
         m
     };
-    let config = MergeConfig::from_flags("linear", &[(a.clone(), weight(0.5)), (b.clone(), weight(0.5))], None, ParamMap::new(), None, None);
+    let config = MergeConfig::from_flags(
+        "linear",
+        &[(a.clone(), weight(0.5)), (b.clone(), weight(0.5))],
+        None,
+        ParamMap::new(),
+        None,
+        None,
+    );
     let merged_dir = out.join("merged_linear");
     let mut opts = MergeOptions::new(&merged_dir);
     opts.overwrite = true;
     let report = MergePlan::new(&config, registry)?.run(&opts, None)?;
 
-    let (ca, cb, cm) = (Checkpoint::open(&a)?, Checkpoint::open(&b)?, Checkpoint::open(&report.out_dir)?);
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a)?,
+        Checkpoint::open(&b)?,
+        Checkpoint::open(&report.out_dir)?,
+    );
     let mut table = String::new();
-    let _ = writeln!(table, "| tensor | ‖merged−A‖/‖A‖ | ‖merged−B‖/‖B‖ | max |merged − (A+B)/2| (f64 check) |");
+    let _ = writeln!(
+        table,
+        "| tensor | ‖merged−A‖/‖A‖ | ‖merged−B‖/‖B‖ | max |merged − (A+B)/2| (f64 check) |"
+    );
     let _ = writeln!(table, "|---|---|---|---|");
     let mut worst = 0f64;
     for name in cm.tensor_names() {
         let (va, vb, vm) = (values(&ca, &name)?, values(&cb, &name)?, values(&cm, &name)?);
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt();
-        let max_err = vm.iter().zip(va.iter().zip(&vb)).map(|(m, (x, y))| (m - 0.5 * x - 0.5 * y).abs()).fold(0.0, f64::max);
+        let diff = |x: &[f64], y: &[f64]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q) * (p - q))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let max_err = vm
+            .iter()
+            .zip(va.iter().zip(&vb))
+            .map(|(m, (x, y))| (m - 0.5 * x - 0.5 * y).abs())
+            .fold(0.0, f64::max);
         worst = worst.max(max_err);
         let _ = writeln!(
             table,

@@ -81,7 +81,15 @@ impl PluginHarness {
         base: Option<&Tensor>,
         base_index: Option<usize>,
     ) -> Result<Tensor, PluginError> {
-        self.merge_named(method, "model.layers.0.mlp.up_proj.weight", params, models, base, base_index, 42)
+        self.merge_named(
+            method,
+            "model.layers.0.mlp.up_proj.weight",
+            params,
+            models,
+            base,
+            base_index,
+            42,
+        )
     }
 
     /// [`PluginHarness::merge`] with an explicit tensor name and seed.

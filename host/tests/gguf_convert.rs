@@ -78,10 +78,7 @@ fn smollm2_gguf() -> Option<PathBuf> {
         match Command::new("bash").arg(&script).arg(&cache).status() {
             Ok(s) if s.success() && path.is_file() => Some(path),
             Ok(s) => {
-                eprintln!(
-                    "SKIP: {} failed ({s}); cannot get {GGUF_NAME}",
-                    script.display()
-                );
+                eprintln!("SKIP: {} failed ({s}); cannot get {GGUF_NAME}", script.display());
                 None
             }
             Err(e) => {
@@ -110,11 +107,7 @@ fn converted() -> Option<&'static Converted> {
         };
         let start = Instant::now();
         let report = convert_gguf(&src, &dir, &opts).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!(
-            "converted {} (f32) in {:.2?}",
-            src.display(),
-            start.elapsed()
-        );
+        eprintln!("converted {} (f32) in {:.2?}", src.display(), start.elapsed());
         Some(Converted { report, dir })
     })
     .as_ref()
@@ -130,8 +123,7 @@ macro_rules! converted_or_skip {
 }
 
 fn tokenizer(c: &Converted) -> Tokenizer {
-    Tokenizer::from_file(c.dir.join("tokenizer.json"))
-        .unwrap_or_else(|e| panic!("tokenizer.json: {e}"))
+    Tokenizer::from_file(c.dir.join("tokenizer.json")).unwrap_or_else(|e| panic!("tokenizer.json: {e}"))
 }
 
 fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
@@ -163,10 +155,7 @@ fn report_and_files_describe_the_converted_model() {
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().contains(".mglue-"))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "partial directories left: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "partial directories left: {leftovers:?}");
 }
 
 #[test]
@@ -278,9 +267,7 @@ impl Llama {
     }
 
     fn t(&self, name: &str) -> &Tensor {
-        self.w
-            .get(name)
-            .unwrap_or_else(|| panic!("no tensor {name}"))
+        self.w.get(name).unwrap_or_else(|| panic!("no tensor {name}"))
     }
 
     fn rms(&self, x: &Tensor, w: &str) -> candle_core::Result<Tensor> {
@@ -317,13 +304,7 @@ impl Llama {
             x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
         };
         let mask: Vec<f32> = (0..n * n)
-            .map(|i| {
-                if i % n > i / n {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
+            .map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(mask, (n, n), &dev)?;
         let group = self.heads / self.kv_heads;
@@ -347,14 +328,9 @@ impl Llama {
             let kv_index = Tensor::new(kv_index.as_slice(), &dev)?;
             let (k, v) = (k.index_select(&kv_index, 0)?, v.index_select(&kv_index, 0)?);
             let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-            let scores = scores
-                .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
-                .exp()?;
+            let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
             let probs = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
-            let o = probs
-                .matmul(&v)?
-                .transpose(0, 1)?
-                .reshape((n, self.heads * hd))?;
+            let o = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
             x = (x + self.linear(&o, &l("self_attn.o_proj.weight"))?)?;
             let h = self.rms(&x, &l("post_attention_layernorm.weight"))?;
             let gate = self.linear(&h, &l("mlp.gate_proj.weight"))?.silu()?;
@@ -437,10 +413,7 @@ fn unpermuted_qk_reproduces_the_transformers_reference_logits() {
     let model = Llama::load(&c.dir);
     for prompt in prompts {
         let (err, agree, n) = compare_with_reference(&model, prompt);
-        eprintln!(
-            "{:?}: max |Δlogit| {err:.2e}, argmax {agree}/{n}",
-            prompt["text"]
-        );
+        eprintln!("{:?}: max |Δlogit| {err:.2e}, argmax {agree}/{n}", prompt["text"]);
         assert!(err < 2e-3, "{:?}: logits differ by {err}", prompt["text"]);
         assert_eq!(agree, n, "{:?}: argmax", prompt["text"]);
     }
@@ -530,9 +503,7 @@ fn tokenizer_keeps_special_tokens_whole_and_adds_none() {
     assert_eq!(cfg["add_bos_token"], false);
     let template = cfg["chat_template"].as_str().expect("chat_template");
     assert!(template.contains("<|im_start|>") && template.contains("add_generation_prompt"));
-    let added = cfg["added_tokens_decoder"]
-        .as_object()
-        .expect("added tokens");
+    let added = cfg["added_tokens_decoder"].as_object().expect("added tokens");
     assert_eq!(added.len(), 17, "ids 0-16 are the special tokens");
     assert!(added.values().all(|t| t["special"] == true));
 }
@@ -553,10 +524,7 @@ fn check_requests(
 ) -> usize {
     let scored = read_jsonl(&lm_eval_fixture(fixture));
     let items = read_jsonl(&shared().join("data/benchmarks").join(benchmark));
-    let items: HashMap<&str, &Value> = items
-        .iter()
-        .map(|i| (i["id"].as_str().expect("id"), i))
-        .collect();
+    let items: HashMap<&str, &Value> = items.iter().map(|i| (i["id"].as_str().expect("id"), i)).collect();
     let mut checked = 0;
     for s in &scored {
         let id = s["id"].as_str().expect("id");
@@ -564,10 +532,8 @@ fn check_requests(
             .get(id)
             .unwrap_or_else(|| panic!("{benchmark} has no item {id}"));
         let reqs = requests(item);
-        let want_ids: Vec<Vec<u32>> =
-            serde_json::from_value(s["cont_token_ids"].clone()).expect("ids");
-        let want_ctx: Vec<usize> =
-            serde_json::from_value(s["n_ctx_tokens"].clone()).expect("n_ctx");
+        let want_ids: Vec<Vec<u32>> = serde_json::from_value(s["cont_token_ids"].clone()).expect("ids");
+        let want_ctx: Vec<usize> = serde_json::from_value(s["n_ctx_tokens"].clone()).expect("n_ctx");
         assert_eq!(reqs.len(), want_ids.len(), "{id}: number of requests");
         for (c, (context, continuation)) in reqs.iter().enumerate() {
             let (n_ctx, ids) = lm_eval_split(tok, context, continuation);
@@ -642,9 +608,7 @@ fn tokenizer_reproduces_the_ids_lm_eval_scored() {
                 .collect()
         },
     );
-    eprintln!(
-        "token ids equal lm-eval's for {arc} ARC, {winogrande} WinoGrande, {mmlu} MMLU requests"
-    );
+    eprintln!("token ids equal lm-eval's for {arc} ARC, {winogrande} WinoGrande, {mmlu} MMLU requests");
     assert_eq!((arc, winogrande, mmlu), (1199, 600, 1140));
 }
 
@@ -663,10 +627,8 @@ fn bf16_conversion_rounds_the_f32_weights_to_nearest() {
     eprintln!("converted (bf16) in {:.2?}", start.elapsed());
     assert_eq!(report.tensors, 272);
     assert_eq!(read_json(&out.join("config.json"))["dtype"], "bfloat16");
-    let f32s =
-        candle_core::safetensors::load(c.dir.join("model.safetensors"), &Device::Cpu).expect("f32");
-    let bf16s =
-        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).expect("bf16");
+    let f32s = candle_core::safetensors::load(c.dir.join("model.safetensors"), &Device::Cpu).expect("f32");
+    let bf16s = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).expect("bf16");
     assert_eq!(f32s.len(), bf16s.len());
     for name in [
         "model.layers.0.self_attn.q_proj.weight",

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 use modelglue::checkpoint::Checkpoint;
 use modelglue::runtime::{
-    pad_batch, Activation, Block, Context, DecoderBlock, DenseMlp, KvCache, LayerCache,
-    LoadOptions, Mlp, Model, ModelParts, MoeMlp, Padding, RuntimeError,
+    pad_batch, Activation, Block, Context, DecoderBlock, DenseMlp, KvCache, LayerCache, LoadOptions, Mlp,
+    Model, ModelParts, MoeMlp, Padding, RuntimeError,
 };
 use serde_json::Value;
 
@@ -100,12 +100,7 @@ fn argmax(logits: &Tensor) -> Vec<u32> {
 /// stream and the mean log-likelihood; prints the worst differences.
 fn check_against_transformers(class: &str) {
     for r in references(class) {
-        for (seq, expect) in r.meta["per_seq"]
-            .as_array()
-            .expect("per_seq")
-            .iter()
-            .enumerate()
-        {
+        for (seq, expect) in r.meta["per_seq"].as_array().expect("per_seq").iter().enumerate() {
             let ids = r.ids(seq);
             let input = Tensor::new(ids.as_slice(), &Device::Cpu)
                 .unwrap()
@@ -133,11 +128,7 @@ fn check_against_transformers(class: &str) {
 
             let want_argmax: Vec<u32> = serde_json::from_value(expect["argmax"].clone()).unwrap();
             assert_eq!(argmax(&logits), want_argmax, "{} seq{seq}: argmax", r.tag);
-            assert_eq!(
-                argmax(&r.logits(seq)),
-                want_argmax,
-                "fixture self-consistency"
-            );
+            assert_eq!(argmax(&r.logits(seq)), want_argmax, "fixture self-consistency");
 
             let ll = r.model.log_likelihood(&ids).unwrap();
             assert_eq!(ll.len(), ids.len().saturating_sub(1));
@@ -271,20 +262,10 @@ struct AveragedBlocks {
 }
 
 impl Block for AveragedBlocks {
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &Context,
-        cache: &mut LayerCache,
-    ) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &Context, cache: &mut LayerCache) -> candle_core::Result<Tensor> {
         let mut out = x.zeros_like()?;
         for (i, (b, w)) in self.blocks.iter().zip(&self.weights).enumerate() {
-            let mut own = LayerCache {
-                kv: vec![cache.slot(i).take()],
-                route: None,
-            };
-            out = (out + (b.forward(x, ctx, &mut own)? * *w)?)?;
-            *cache.slot(i) = own.kv.remove(0);
+            out = (out + (b.forward_kv(x, ctx, cache.slot(i))? * *w)?)?;
         }
         Ok(out)
     }
@@ -318,9 +299,7 @@ fn routed_blocks_and_moe_of_identical_parts_reproduce_the_dense_model() {
             .map(|b| Box::new(b.clone()) as Box<dyn Block>)
             .collect(),
     );
-    let seq3: Vec<u32> = vec![
-        0, 465, 321, 270, 359, 10, 276, 14, 461, 14, 537, 415, 74, 86,
-    ];
+    let seq3: Vec<u32> = vec![0, 465, 321, 270, 359, 10, 276, 14, 461, 14, 537, 415, 74, 86];
     let ids = Tensor::new(seq3.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -346,9 +325,7 @@ fn routed_blocks_and_moe_of_identical_parts_reproduce_the_dense_model() {
     let mut cache = KvCache::new();
     let n = seq3.len();
     let prefix = ids.narrow(1, 0, n - 3).unwrap();
-    routed
-        .forward_with(&prefix, None, &mut cache, false)
-        .unwrap();
+    routed.forward_with(&prefix, None, &mut cache, false).unwrap();
     for p in n - 3..n {
         let step = routed.forward_with(&ids.narrow(1, p, 1).unwrap(), None, &mut cache, false);
         let d = max_abs(&step.unwrap().logits, &want.narrow(1, p, 1).unwrap());
@@ -379,21 +356,14 @@ fn routed_blocks_and_moe_of_identical_parts_reproduce_the_dense_model() {
 }
 
 fn unit_linear() -> Linear {
-    Linear::new(
-        Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap(),
-        None,
-    )
+    Linear::new(Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap(), None)
 }
 
 #[test]
 fn moe_routing_renormalises_the_top_k_probabilities() {
     // Router logits ln(1), ln(2), ln(3), ln(4) for every token: softmax 0.1..0.4, top-2 = experts
     // 3 and 2 with weights 0.4/0.7 and 0.3/0.7.
-    let w = Tensor::new(
-        &[[0f32], [2f32.ln()], [3f32.ln()], [4f32.ln()]],
-        &Device::Cpu,
-    )
-    .unwrap();
+    let w = Tensor::new(&[[0f32], [2f32.ln()], [3f32.ln()], [4f32.ln()]], &Device::Cpu).unwrap();
     let experts = (0..4)
         .map(|_| {
             Mlp::Dense(DenseMlp {
@@ -448,8 +418,147 @@ fn out_of_vocabulary_ids_and_mismatched_caches_are_refused() {
     let two = Tensor::new(&[[0u32, 5], [0, 6]], &Device::Cpu).unwrap();
     model.forward_with(&two, None, &mut cache, false).unwrap();
     let one = Tensor::new(&[[7u32]], &Device::Cpu).unwrap();
-    let err = model
-        .forward_with(&one, None, &mut cache, false)
-        .unwrap_err();
+    let err = model.forward_with(&one, None, &mut cache, false).unwrap_err();
     assert!(matches!(err, RuntimeError::Input { .. }), "{err}");
+}
+
+/// With a window of 1 every token sees only itself in every layer, so (RoPE being relative) its
+/// logits are those of the token alone; a window as long as the sequence changes nothing; and
+/// cached decoding keeps the window.
+#[test]
+fn sliding_window_limits_attention_to_the_last_w_positions() {
+    let ids: Vec<u32> = vec![0, 465, 321, 270, 359, 10, 276, 14, 461, 14, 537, 415];
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = {
+        let parts = base_parts();
+        let blocks = parts.blocks.iter().map(|b| Box::new(b.clone()) as Box<dyn Block>);
+        assemble(&parts, blocks.collect())
+    };
+    let windowed = |w: usize| {
+        let mut parts = base_parts();
+        parts.config.sliding_window = Some(w);
+        parts.config.sliding_layers = vec![true; parts.config.num_layers];
+        let blocks = parts.blocks.iter().map(|b| {
+            let mut b = b.clone();
+            b.attn.sliding = true;
+            Box::new(b) as Box<dyn Block>
+        });
+        assemble(&parts, blocks.collect())
+    };
+    let want = full.forward(&input).unwrap();
+    let d = max_abs(&windowed(ids.len()).forward(&input).unwrap(), &want);
+    assert!(d <= 1e-6, "window = length: {d}");
+
+    let alone = windowed(1).forward(&input).unwrap().squeeze(0).unwrap();
+    for (p, &id) in ids.iter().enumerate() {
+        let single = full
+            .forward(&Tensor::new(&[[id]], &Device::Cpu).unwrap())
+            .unwrap();
+        let d = max_abs(
+            &alone.get(p).unwrap(),
+            &single.squeeze(0).unwrap().squeeze(0).unwrap(),
+        );
+        assert!(d <= 1e-5, "window 1, position {p}: {d}");
+    }
+
+    let model = windowed(3);
+    let want = model.forward(&input).unwrap();
+    let mut cache = KvCache::new();
+    model
+        .forward_with(&input.narrow(1, 0, 5).unwrap(), None, &mut cache, false)
+        .unwrap();
+    for p in 5..ids.len() {
+        let step = model.forward_with(&input.narrow(1, p, 1).unwrap(), None, &mut cache, false);
+        let d = max_abs(&step.unwrap().logits, &want.narrow(1, p, 1).unwrap());
+        assert!(d <= 1e-5, "window 3, cached step {p}: {d}");
+    }
+    let d = max_abs(&want, &full.forward(&input).unwrap());
+    assert!(
+        d > 1e-3,
+        "a window of 3 must change the logits of a 12-token sequence"
+    );
+}
+
+/// Writes zoo/base as a checkpoint with `model_type` and extra tensors.
+fn variant(dir: &Path, model_type: &str, extra: &[(String, Tensor)]) -> Checkpoint {
+    let base = Checkpoint::open(&fixtures().join("zoo/base")).unwrap();
+    let mut tensors: HashMap<String, Tensor> = base
+        .tensor_names()
+        .into_iter()
+        .map(|n| {
+            let t = base.load(&n).unwrap();
+            (n, t)
+        })
+        .collect();
+    for (name, t) in extra {
+        tensors.insert(name.clone(), t.clone());
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let mut config = base.config().clone();
+    config["model_type"] = model_type.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    Checkpoint::open(dir).unwrap()
+}
+
+/// Qwen2's biases are read and applied: a V bias `b` shifts every attention output by `b`
+/// (the attention weights sum to 1), which an O bias of `W_o·b` reproduces exactly.
+#[test]
+fn qwen2_projection_biases_are_loaded_and_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = Checkpoint::open(&fixtures().join("zoo/base")).unwrap();
+    let ids = Tensor::new(&[[0u32, 910, 814, 737, 842, 368, 300]], &Device::Cpu).unwrap();
+    let reference = Model::load(&base).unwrap().forward(&ids).unwrap();
+    let mut v_bias = Vec::new();
+    let mut o_bias = Vec::new();
+    let mut qk_bias = Vec::new();
+    for l in 0..2 {
+        let b = Tensor::randn(0f32, 0.5, 32, &Device::Cpu).unwrap();
+        let w_o = base
+            .load(&format!("model.layers.{l}.self_attn.o_proj.weight"))
+            .unwrap();
+        // o_proj sees heads·head_dim = 64 inputs; each KV head's bias serves 2 query heads.
+        let per_q_head = Tensor::cat(
+            &[
+                b.narrow(0, 0, 16).unwrap(),
+                b.narrow(0, 0, 16).unwrap(),
+                b.narrow(0, 16, 16).unwrap(),
+                b.narrow(0, 16, 16).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let shift = w_o
+            .matmul(&per_q_head.unsqueeze(1).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let p = format!("model.layers.{l}.self_attn");
+        v_bias.push((format!("{p}.v_proj.bias"), b));
+        o_bias.push((format!("{p}.o_proj.bias"), shift));
+        for (proj, n) in [("q_proj", 64), ("k_proj", 32)] {
+            let r = Tensor::randn(0f32, 0.5, n, &Device::Cpu).unwrap();
+            qk_bias.push((format!("{p}.{proj}.bias"), r));
+        }
+    }
+    let logits = |name: &str, extra: &[(String, Tensor)]| {
+        let ckpt = variant(&tmp.path().join(name), "qwen2", extra);
+        assert_eq!(
+            Model::load(&ckpt).unwrap().config().arch,
+            modelglue::runtime::Arch::Qwen2
+        );
+        Model::load(&ckpt).unwrap().forward(&ids).unwrap()
+    };
+    let with_v = logits("v", &v_bias);
+    let with_o = logits("o", &o_bias);
+    assert!(max_abs(&with_v, &reference) > 1e-3, "the V bias must matter");
+    let d = max_abs(&with_v, &with_o);
+    assert!(d <= 1e-5, "V bias vs equivalent O bias: {d}");
+    assert!(
+        max_abs(&logits("qk", &qk_bias), &reference) > 1e-3,
+        "Q/K biases must matter"
+    );
 }

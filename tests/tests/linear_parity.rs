@@ -6,7 +6,12 @@ use std::path::Path;
 
 fn merge_case(case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let cfg = fixtures().join("configs").join(format!("{case}.yml"));
-    let mut args = vec!["merge", cfg.to_str().expect("utf-8 path"), "--out", out.to_str().expect("utf-8 path")];
+    let mut args = vec![
+        "merge",
+        cfg.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ];
     args.extend(extra);
     run_mglue(&args)
 }
@@ -29,7 +34,11 @@ fn check_case(case: &str, check_dtype: bool) {
     if check_dtype {
         assert_eq!(a["dtype"], e["dtype"], "{case}: config.json dtype");
     }
-    for side in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for side in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert_eq!(
             std::fs::read(out.join(side)).expect(side),
             std::fs::read(expected.join(side)).expect(side),
@@ -37,7 +46,10 @@ fn check_case(case: &str, check_dtype: bool) {
         );
     }
     let card = std::fs::read_to_string(out.join("README.md")).expect("model card");
-    assert!(card.contains("merge_method: linear"), "model card records the exact config");
+    assert!(
+        card.contains("merge_method: linear"),
+        "model card records the exact config"
+    );
 }
 
 #[test]
@@ -74,7 +86,10 @@ fn vocabulary_mismatch_is_refused_naming_the_tensor_and_the_fix() {
     let o = merge_case("linear_vocab_mismatch", &out, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let msg = text(&o);
-    assert!((msg.contains("embed_tokens") || msg.contains("lm_head")) && msg.contains("tokenizer_source"), "{msg}");
+    assert!(
+        (msg.contains("embed_tokens") || msg.contains("lm_head")) && msg.contains("tokenizer_source"),
+        "{msg}"
+    );
     assert!(!out.exists(), "nothing written for an invalid plan");
 }
 
@@ -85,11 +100,22 @@ fn sharded_output_holds_the_same_tensors_as_one_file() {
     let o = merge_case("linear", &out, &["--out-shard-size", "300KB"]);
     assert!(o.status.success(), "{}", text(&o));
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).expect("index")).expect("json");
-    let shards: std::collections::BTreeSet<_> =
-        index["weight_map"].as_object().expect("weight_map").values().map(|v| v.as_str().expect("str").to_string()).collect();
-    assert!(shards.len() >= 3, "expected ≥3 shards of 300 KB for 880 KB, got {shards:?}");
-    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(read_tensors(&out).values().map(|t| t.2.len() as u64).sum()));
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).expect("index"))
+            .expect("json");
+    let shards: std::collections::BTreeSet<_> = index["weight_map"]
+        .as_object()
+        .expect("weight_map")
+        .values()
+        .map(|v| v.as_str().expect("str").to_string())
+        .collect();
+    assert!(
+        shards.len() >= 3,
+        "expected ≥3 shards of 300 KB for 880 KB, got {shards:?}"
+    );
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64(),
+        Some(read_tensors(&out).values().map(|t| t.2.len() as u64).sum())
+    );
     assert_same_tensors(&out, &fixtures().join("expected/linear"));
 }
 
@@ -101,7 +127,17 @@ fn flag_form_equals_the_yaml_form() {
     let m = |name: &str, w: f64| format!("{}:weight={w}", zoo.join(name).display());
     let (a, b, c) = (m("ft1", 0.5), m("ft2", 0.3), m("ft3", 0.2));
     let o = run_mglue(&[
-        "merge", "--method", "linear", "--model", &a, "--model", &b, "--model", &c, "--out", out.to_str().expect("utf-8"),
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        &a,
+        "--model",
+        &b,
+        "--model",
+        &c,
+        "--out",
+        out.to_str().expect("utf-8"),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_same_tensors(&out, &fixtures().join("expected/linear"));
@@ -121,7 +157,12 @@ fn unknown_parameter_is_refused_before_any_weight_is_read() {
     )
     .expect("write config");
     let out = tmp.path().join("out");
-    let o = run_mglue(&["merge", cfg.to_str().expect("utf-8"), "--out", out.to_str().expect("utf-8")]);
+    let o = run_mglue(&[
+        "merge",
+        cfg.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     let msg = text(&o);
     assert!(msg.contains("`densty`") && msg.contains("weight"), "{msg}");

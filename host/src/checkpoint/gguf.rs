@@ -15,6 +15,10 @@
 //!   `1 + w`, Hugging Face stores `w`.
 //! - **Quantisation.** Every tensor is dequantised with candle and written as f32, bf16 or f16;
 //!   the 4–8-bit rounding noise of the GGUF stays in the weights.
+//! - **The tokenizer.** GGUF embeds the vocabulary; `tokenizer.json` is rebuilt from it as
+//!   transformers' converters would write it: byte-level BPE with the pre-tokenizer that
+//!   `tokenizer.ggml.pre` names (SmolLM2, Qwen2, Llama 3), or SentencePiece BPE with merges
+//!   derived from the piece scores and byte fallback (Gemma, Llama 2).
 //!
 //! The file is validated before candle reads it (counts against the file size, value types,
 //! tensor types, tensor extents), so a truncated or corrupt file is an error that names the file
@@ -131,9 +135,7 @@ pub enum GgufError {
         architecture: String,
     },
     /// The tokenizer metadata describes a tokenizer this converter cannot rebuild.
-    #[error(
-        "{path}: tokenizer `{value}` (GGUF key `{key}`) is not supported; supported: {supported}"
-    )]
+    #[error("{path}: tokenizer `{value}` (GGUF key `{key}`) is not supported; supported: {supported}")]
     UnsupportedTokenizer {
         /// The GGUF file.
         path: PathBuf,
@@ -272,11 +274,7 @@ pub enum GgufError {
 /// A [`GgufError`] naming the file and the key or tensor at fault: unreadable or corrupt file,
 /// missing metadata, unsupported architecture, tokenizer or tensor type, missing or unexpected
 /// tensors, shape mismatches, an existing output without `overwrite`, or an I/O failure.
-pub fn convert_gguf(
-    src: &Path,
-    out: &Path,
-    opts: &ConvertOptions,
-) -> Result<ConvertReport, GgufError> {
+pub fn convert_gguf(src: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport, GgufError> {
     let out_dtype = output::OutDType::from_dtype(opts.dtype)?;
     if !opts.overwrite && out.exists() {
         return Err(GgufError::OutputExists {
@@ -329,10 +327,7 @@ pub fn convert_gguf(
 
     let partial = output::PartialDir::create(out)?;
     output::write_json(&partial.path().join("config.json"), &config)?;
-    output::write_json(
-        &partial.path().join("generation_config.json"),
-        &generation_config,
-    )?;
+    output::write_json(&partial.path().join("generation_config.json"), &generation_config)?;
     output::write_json(&partial.path().join("tokenizer.json"), &tok.tokenizer_json)?;
     output::write_json(
         &partial.path().join("tokenizer_config.json"),
@@ -412,11 +407,7 @@ fn materialise(
             reason: "is planned but absent from candle's tensor table (internal error)".into(),
         })?;
     let qtensor = info
-        .read(
-            &mut Cursor::new(bytes),
-            content.tensor_data_offset,
-            &Device::Cpu,
-        )
+        .read(&mut Cursor::new(bytes), content.tensor_data_offset, &Device::Cpu)
         .map_err(candle_err)?;
     let values = qtensor
         .dequantize(&Device::Cpu)
@@ -428,7 +419,7 @@ fn materialise(
 }
 
 /// Typed access to GGUF metadata; every failure names the file and the key.
-pub(crate) struct Metadata<'a> {
+struct Metadata<'a> {
     map: &'a HashMap<String, Value>,
     path: &'a Path,
 }
@@ -473,14 +464,12 @@ impl<'a> Metadata<'a> {
 
     fn usize(&self, key: &str) -> Result<usize, GgufError> {
         let v = self.require(key)?;
-        int_value(v)
-            .and_then(|i| usize::try_from(i).ok())
-            .ok_or_else(|| {
-                self.bad(
-                    key,
-                    format!("should be a non-negative integer, found {}", describe(v)),
-                )
-            })
+        int_value(v).and_then(|i| usize::try_from(i).ok()).ok_or_else(|| {
+            self.bad(
+                key,
+                format!("should be a non-negative integer, found {}", describe(v)),
+            )
+        })
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, GgufError> {
@@ -505,10 +494,7 @@ impl<'a> Metadata<'a> {
             Some(Value::F32(v)) if v.is_finite() => Ok(Some(*v)),
             // GGUF writers store f32; an f64 is accepted and narrowed.
             Some(Value::F64(v)) if v.is_finite() => Ok(Some(*v as f32)),
-            Some(v) => Err(self.bad(
-                key,
-                format!("should be a finite float, found {}", describe(v)),
-            )),
+            Some(v) => Err(self.bad(key, format!("should be a finite float, found {}", describe(v)))),
         }
     }
 

@@ -1,24 +1,24 @@
 //! The model card written beside every merge: what was merged, how, and the exact config.
 
 use crate::config::MergeConfig;
-use crate::plugins::PluginInfo;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Renders README.md for a merged model.
-pub fn model_card(config: &MergeConfig, method: &PluginInfo, models: &[PathBuf], base: Option<&Path>) -> String {
+pub fn model_card(
+    config: &MergeConfig,
+    method: &str,
+    provenance: &str,
+    models: &[PathBuf],
+    base: Option<&Path>,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "---\nlibrary_name: transformers\ntags:\n- modelglue\n- merge\n---");
     let _ = writeln!(s, "# Merged model\n");
     let _ = writeln!(
         s,
-        "Made with modelglue (`mglue {}`) using the `{}` merge method \
-         (plugin version {}, {}; built against plugin-api {}).\n",
+        "Made with modelglue (`mglue {}`) using the `{method}` merge method ({provenance}).\n",
         env!("CARGO_PKG_VERSION"),
-        method.name,
-        method.version,
-        method.description,
-        method.api_version
     );
     if let Some(b) = base {
         let _ = writeln!(s, "Base model: `{}`\n", b.display());

@@ -62,7 +62,9 @@ pub enum PluginError {
         reason: String,
     },
     /// Two plugins with one name.
-    #[error("two plugins are named `{name}`: {first} and {second}; keeping the first — remove one of the files")]
+    #[error(
+        "two plugins are named `{name}`: {first} and {second}; keeping the first — remove one of the files"
+    )]
     Duplicate {
         /// The plugin name.
         name: String,
@@ -99,6 +101,24 @@ pub enum PluginError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// `--locked` and the library is not in the lock file, or its hash differs.
+    #[error(
+        "{path}: {reason}; refusing it under --locked (run `mglue plugins lock` to accept the current files)"
+    )]
+    NotLocked {
+        /// The file.
+        path: PathBuf,
+        /// Not listed, or a different hash.
+        reason: String,
+    },
+    /// The lock file cannot be read or written.
+    #[error("lock file {path}: {reason}")]
+    LockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
     },
     /// A world-writable plugin directory.
     #[error("plugin directory {path} is writable by every user, so anyone could plant code in it; fix its permissions (chmod o-w) or pass --allow-insecure-plugin-dir")]
@@ -161,6 +181,90 @@ pub struct Discovery {
     pub use_exe_dir: bool,
     /// Accept world-writable directories.
     pub allow_insecure_dirs: bool,
+    /// With `--locked`: only libraries whose sha256 is in this lock are loaded.
+    pub lock: Option<PluginLock>,
+}
+
+/// The sha256 of every plugin library in use (`mglue plugins lock`), checked with `--locked`
+/// before a library is opened (opening one runs its code).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PluginLock {
+    /// Format version (1).
+    pub version: u32,
+    /// One entry per library.
+    pub libraries: Vec<LockedLibrary>,
+}
+
+/// One locked library.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LockedLibrary {
+    /// The file name (not the directory: a lock stays valid when the directory moves).
+    pub file: String,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+    /// The plugins it exports.
+    pub plugins: Vec<String>,
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl PluginLock {
+    /// Reads a lock file.
+    pub fn read(path: &Path) -> Result<PluginLock, PluginError> {
+        let err = |reason: String| PluginError::LockFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("{e}; create it with `mglue plugins lock`")))?;
+        let lock: PluginLock =
+            serde_json::from_str(&text).map_err(|e| err(format!("not a valid lock file: {e}")))?;
+        if lock.version != 1 {
+            return Err(err(format!(
+                "format version {} is not supported (expected 1)",
+                lock.version
+            )));
+        }
+        Ok(lock)
+    }
+
+    /// Writes the lock file (whole or not at all).
+    pub fn write(&self, path: &Path) -> Result<(), PluginError> {
+        let err = |reason: String| PluginError::LockFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
+        let tmp = path.with_extension("lock.partial");
+        std::fs::write(&tmp, format!("{text}\n")).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    }
+
+    fn check(&self, path: &Path) -> Result<(), PluginError> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let refuse = |reason: String| PluginError::NotLocked {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let Some(entry) = self.libraries.iter().find(|l| l.file == name) else {
+            return Err(refuse("not in the lock file".into()));
+        };
+        let hash = sha256_file(path).map_err(|e| refuse(format!("cannot hash it: {e}")))?;
+        if hash != entry.sha256 {
+            return Err(refuse(format!(
+                "its sha256 {hash} differs from the locked {}",
+                entry.sha256
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Discovery {
@@ -173,7 +277,10 @@ impl Discovery {
             }
         }
         if self.use_exe_dir {
-            if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+            if let Some(dir) = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
                 out.push(dir);
             }
         }
@@ -190,6 +297,7 @@ pub struct Registry {
     by_name: HashMap<String, usize>,
     /// Refused files, in discovery order.
     pub problems: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    lock: Option<PluginLock>,
 }
 
 extern "C" fn host_log(level: u8, target: RStr<'_>, message: RStr<'_>) {
@@ -272,7 +380,10 @@ fn parse_schema(text: &str) -> serde_json::Value {
 impl Registry {
     /// Loads every plugin library found by `discovery`.
     pub fn discover(discovery: &Discovery) -> Registry {
-        let mut reg = Registry::default();
+        let mut reg = Registry {
+            lock: discovery.lock.clone(),
+            ..Registry::default()
+        };
         for dir in discovery.search_path() {
             reg.load_dir(&dir, discovery.allow_insecure_dirs);
         }
@@ -312,7 +423,11 @@ impl Registry {
             });
             return;
         }
-        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| is_library(p)).collect();
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| is_library(p))
+            .collect();
         files.sort();
         for f in files {
             self.load_file(&f);
@@ -321,6 +436,12 @@ impl Registry {
 
     /// Loads one library file; problems are recorded, never fatal.
     pub fn load_file(&mut self, path: &Path) {
+        if let Some(lock) = &self.lock {
+            if let Err(e) = lock.check(path) {
+                self.problem(e);
+                return;
+            }
+        }
         let module = lib_header_from_path(path).and_then(|h| h.init_root_module::<PluginModuleRef>());
         match module {
             Ok(m) => self.add_module(m, path),
@@ -417,6 +538,37 @@ impl Registry {
             self.by_name.insert(info.name.clone(), self.plugins.len());
             self.plugins.push(Plugin { info, table });
         }
+    }
+
+    /// A lock of every library that provided a loaded plugin.
+    pub fn to_lock(&self) -> Result<PluginLock, PluginError> {
+        let mut libraries: Vec<LockedLibrary> = Vec::new();
+        for p in &self.plugins {
+            let file = p
+                .info
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if let Some(l) = libraries.iter_mut().find(|l| l.file == file) {
+                l.plugins.push(p.info.name.clone());
+                continue;
+            }
+            let sha256 = sha256_file(&p.info.path).map_err(|e| PluginError::LockFile {
+                path: p.info.path.clone(),
+                reason: format!("cannot hash it: {e}"),
+            })?;
+            libraries.push(LockedLibrary {
+                file,
+                sha256,
+                plugins: vec![p.info.name.clone()],
+            });
+        }
+        Ok(PluginLock {
+            version: 1,
+            libraries,
+        })
     }
 
     /// Every loaded plugin, in load order.
@@ -523,7 +675,11 @@ impl MergeMethodPlugin {
     }
 
     /// Merges one tensor on `backend`.
-    pub fn merge(&self, backend: &CandleBackend, call: &MergeCall<'_>) -> Result<candle_core::Tensor, PluginError> {
+    pub fn merge(
+        &self,
+        backend: &CandleBackend,
+        call: &MergeCall<'_>,
+    ) -> Result<candle_core::Tensor, PluginError> {
         let vt = backend.vtable();
         let handles: Vec<TensorHandle> = call.models.iter().map(|t| backend.share(t)).collect();
         let base = call.base.map(|t| backend.share(t)).unwrap_or(TensorHandle::NULL);

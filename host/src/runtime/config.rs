@@ -96,10 +96,7 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json` object. Multimodal Gemma 3 configs are read through
     /// their `text_config`.
     pub fn from_json(config: &Value) -> Result<ModelConfig, RuntimeError> {
-        let model_type = config
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
         let (c, arch) = match model_type {
             "llama" => (config, Arch::Llama),
             "mistral" => (config, Arch::Mistral),
@@ -125,9 +122,7 @@ impl ModelConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(invalid(
                 "num_key_value_heads",
-                format!(
-                    "{num_kv_heads} must be non-zero and divide num_attention_heads {num_heads}"
-                ),
+                format!("{num_kv_heads} must be non-zero and divide num_attention_heads {num_heads}"),
             ));
         }
 
@@ -157,11 +152,7 @@ impl ModelConfig {
         };
         let rope_local_theta = if gemma {
             let nested = rope.and_then(|r| r.get("sliding_attention")?.get("rope_theta")?.as_f64());
-            Some(
-                opt_f64(c, "rope_local_base_freq")?
-                    .or(nested)
-                    .unwrap_or(10_000.0),
-            )
+            Some(opt_f64(c, "rope_local_base_freq")?.or(nested).unwrap_or(10_000.0))
         } else {
             None
         };
@@ -194,9 +185,7 @@ impl ModelConfig {
             "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
             other => return Err(invalid("hidden_act", format!("`{other}` is not supported"))),
         };
-        if c.get("attn_logit_softcapping")
-            .is_some_and(|v| !v.is_null())
-        {
+        if c.get("attn_logit_softcapping").is_some_and(|v| !v.is_null()) {
             return Err(invalid("attn_logit_softcapping", "is not supported"));
         }
         let moe = match arch {
@@ -312,5 +301,114 @@ fn opt_f64(c: &Value, key: &str) -> Result<Option<f64>, RuntimeError> {
             .as_f64()
             .map(Some)
             .ok_or_else(|| invalid(key, format!("expected a number, found {v}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn llama() -> Value {
+        json!({
+            "model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+            "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}
+        })
+    }
+
+    fn with(mut base: Value, extra: Value) -> Value {
+        for (k, v) in extra.as_object().expect("object") {
+            base[k] = v.clone();
+        }
+        base
+    }
+
+    #[test]
+    fn llama_defaults_and_nested_rope_theta() {
+        let c = ModelConfig::from_json(&llama()).unwrap();
+        assert_eq!((c.arch, c.head_dim, c.num_kv_heads), (Arch::Llama, 16, 2));
+        assert_eq!(c.rope_theta, 500.0);
+        assert_eq!(c.attn_scale, 0.25);
+        assert!(!c.tie_word_embeddings && c.sliding_window.is_none() && c.moe.is_none());
+        let top = with(llama(), json!({"rope_parameters": null, "rope_theta": 1e5}));
+        assert_eq!(ModelConfig::from_json(&top).unwrap().rope_theta, 1e5);
+    }
+
+    #[test]
+    fn mistral_window_applies_to_every_layer_and_qwen2_only_when_enabled() {
+        let m = ModelConfig::from_json(&with(
+            llama(),
+            json!({"model_type": "mistral", "sliding_window": 8}),
+        ))
+        .unwrap();
+        assert_eq!((m.sliding_window, m.sliding_layers), (Some(8), vec![true, true]));
+        let q = with(llama(), json!({"model_type": "qwen2", "sliding_window": 8}));
+        assert_eq!(ModelConfig::from_json(&q).unwrap().sliding_window, None);
+        let q = with(q, json!({"use_sliding_window": true, "max_window_layers": 1}));
+        assert_eq!(
+            ModelConfig::from_json(&q).unwrap().sliding_layers,
+            vec![false, true]
+        );
+    }
+
+    #[test]
+    fn gemma3_sets_its_flags_and_reads_per_layer_rope() {
+        let g = with(
+            llama(),
+            json!({
+                "model_type": "gemma3_text", "num_hidden_layers": 6, "head_dim": 32,
+                "query_pre_attn_scalar": 64, "sliding_window": 4,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                    "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}
+                }
+            }),
+        );
+        let c = ModelConfig::from_json(&g).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        assert_eq!((c.rope_theta, c.rope_linear_factor), (1e6, 8.0));
+        assert_eq!(c.rope_local_theta, Some(1e4));
+        assert_eq!(c.attn_scale, 0.125);
+        assert_eq!(c.sliding_layers, vec![true, true, true, true, true, false]);
+        assert_eq!(c.embed_scale, Some(8.0));
+        assert_eq!(c.norm_weight_offset, 1.0);
+        assert!(c.qk_norm && c.sandwich_norm && c.tie_word_embeddings);
+        assert_eq!(c.activation, Activation::GeluTanh);
+    }
+
+    #[test]
+    fn mixtral_reads_its_experts() {
+        let m = with(
+            llama(),
+            json!({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}),
+        );
+        let c = ModelConfig::from_json(&m).unwrap();
+        assert_eq!(
+            c.moe,
+            Some(MoeConfig {
+                num_experts: 4,
+                top_k: 2
+            })
+        );
+        let bad = with(m, json!({"num_experts_per_tok": 5}));
+        assert!(matches!(
+            ModelConfig::from_json(&bad),
+            Err(RuntimeError::Config { key, .. }) if key == "num_experts_per_tok"
+        ));
+    }
+
+    #[test]
+    fn unknown_architectures_and_rope_types_are_refused_by_name() {
+        let e = ModelConfig::from_json(&with(llama(), json!({"model_type": "gpt2"}))).unwrap_err();
+        assert!(e.to_string().contains("`gpt2`"), "{e}");
+        let yarn = with(llama(), json!({"rope_parameters": {"rope_type": "llama3"}}));
+        let e = ModelConfig::from_json(&yarn).unwrap_err();
+        assert!(e.to_string().contains("llama3"), "{e}");
+        let missing = with(llama(), json!({"hidden_size": null}));
+        let e = ModelConfig::from_json(&missing).unwrap_err();
+        assert_eq!(e.to_string(), "config.json: `hidden_size` missing");
     }
 }

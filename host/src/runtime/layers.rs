@@ -98,12 +98,7 @@ pub struct Attention {
 
 impl Attention {
     /// `x`: `[batch, new_tokens, hidden]`; appends the new keys and values to `kv`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &Context,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &Context, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, hk, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let inputs = match (&ctx.sliding, self.sliding) {
@@ -282,17 +277,23 @@ pub struct DecoderBlock {
     pub mlp_out_norm: Option<RmsNorm>,
 }
 
-impl Block for DecoderBlock {
-    fn forward(&self, x: &Tensor, ctx: &Context, cache: &mut LayerCache) -> Result<Tensor> {
+impl DecoderBlock {
+    /// [`Block::forward`] with this block's keys and values in `kv`, so that a routed set of
+    /// blocks can give each of its blocks its own slot of the layer's [`LayerCache`].
+    pub fn forward_kv(&self, x: &Tensor, ctx: &Context, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
         let post = |norm: &Option<RmsNorm>, y: Tensor| match norm {
             Some(n) => n.forward(&y),
             None => Ok(y),
         };
-        let a = self
-            .attn
-            .forward(&self.attn_norm.forward(x)?, ctx, cache.slot(0))?;
+        let a = self.attn.forward(&self.attn_norm.forward(x)?, ctx, kv)?;
         let x = (x + post(&self.attn_out_norm, a)?)?;
         let m = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
         x + post(&self.mlp_out_norm, m)?
+    }
+}
+
+impl Block for DecoderBlock {
+    fn forward(&self, x: &Tensor, ctx: &Context, cache: &mut LayerCache) -> Result<Tensor> {
+        self.forward_kv(x, ctx, cache.slot(0))
     }
 }

@@ -36,8 +36,7 @@ mod model;
 
 pub use config::{Activation, Arch, ModelConfig, MoeConfig};
 pub use layers::{
-    Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp, MoeMlp,
-    RmsNorm, Router,
+    Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp, MoeMlp, RmsNorm, Router,
 };
 pub use load::ModelParts;
 pub use model::{pad_batch, ForwardOutput, KvCache, LoadOptions, Model, Padding};

@@ -185,9 +185,7 @@ impl Model {
 
     /// Logits `[batch, len, vocab]` of unpadded ids `[batch, len]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor, RuntimeError> {
-        Ok(self
-            .forward_with(ids, None, &mut KvCache::new(), false)?
-            .logits)
+        Ok(self.forward_with(ids, None, &mut KvCache::new(), false)?.logits)
     }
 
     /// Logits `[batch, len, vocab]` of padded ids; `mask` `[batch, len]` is nonzero on real
@@ -224,11 +222,7 @@ impl Model {
             Some(m) => {
                 if m.dims() != ids.dims() {
                     return Err(RuntimeError::Input {
-                        reason: format!(
-                            "mask {:?} and ids {:?} differ in shape",
-                            m.dims(),
-                            ids.dims()
-                        ),
+                        reason: format!("mask {:?} and ids {:?} differ in shape", m.dims(), ids.dims()),
                     });
                 }
                 let m = m.ne(0u8)?.to_vec2::<u8>()?;
@@ -248,9 +242,7 @@ impl Model {
             x = (x * f64::from(s as f32))?;
         }
         let mut states = Vec::new();
-        cache
-            .layers
-            .resize_with(self.blocks.len(), LayerCache::default);
+        cache.layers.resize_with(self.blocks.len(), LayerCache::default);
         for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             if hidden {
                 states.push(x.clone());
@@ -339,10 +331,7 @@ impl Model {
                 out.push(Vec::new());
                 continue;
             }
-            let rows = logits
-                .get(r)?
-                .narrow(0, 0, seq.len() - 1)?
-                .to_vec2::<f32>()?;
+            let rows = logits.get(r)?.narrow(0, 0, seq.len() - 1)?.to_vec2::<f32>()?;
             out.push(
                 rows.iter()
                     .zip(&seq[1..])
@@ -356,9 +345,7 @@ impl Model {
 
 /// `log_softmax(row)[i]` in f64.
 fn log_softmax_at(row: &[f32], i: usize) -> f64 {
-    let max = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
     let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     f64::from(row[i]) - max - sum.ln()
 }
@@ -377,9 +364,8 @@ fn rope_angles(
         .iter()
         .flat_map(|&p| inv_freq.iter().map(move |f| f * (p as f32 / factor)))
         .collect();
-    let table = |v: Vec<f32>| {
-        Tensor::from_vec(v, (b, t, inv_freq.len()), like.device())?.to_dtype(like.dtype())
-    };
+    let table =
+        |v: Vec<f32>| Tensor::from_vec(v, (b, t, inv_freq.len()), like.device())?.to_dtype(like.dtype());
     Ok((
         table(angles.iter().map(|a| a.cos()).collect())?,
         table(angles.iter().map(|a| a.sin()).collect())?,
@@ -402,9 +388,8 @@ fn attention_mask(
         for q in 0..t {
             let Some(qp) = keys[past + q] else { continue };
             for (k, kp) in keys[..=past + q].iter().enumerate() {
-                let visible = kp.is_some_and(|kp| {
-                    window.is_none_or(|w| (qp.saturating_sub(kp) as usize) < w)
-                });
+                let visible =
+                    kp.is_some_and(|kp| window.is_none_or(|w| (qp.saturating_sub(kp) as usize) < w));
                 if visible {
                     mask[(r * t + q) * all + k] = 0.0;
                 }

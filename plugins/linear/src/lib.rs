@@ -127,9 +127,17 @@ mod tests {
                 .zip([0.5, 0.3, 0.2])
                 .map(|(m, w)| ModelInput::new(m.load(&name).expect("tensor"), json!({ "weight": w })))
                 .collect();
-            let out = h.merge("linear", &json!({"normalize": true}), &inputs, None, None).expect("merge");
+            let out = h
+                .merge("linear", &json!({"normalize": true}), &inputs, None, None)
+                .expect("merge");
             let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want = expected.load(&name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = expected
+                .load(&name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{name}");
         }
@@ -138,28 +146,57 @@ mod tests {
     #[test]
     fn linear_rejects_unknown_parameters_and_documents_its_schema() {
         let h = harness();
-        let err = h.validate("linear", &json!({"normalise": true}), &[json!({"weight": 1.0})], None, false).unwrap_err();
+        let err = h
+            .validate(
+                "linear",
+                &json!({"normalise": true}),
+                &[json!({"weight": 1.0})],
+                None,
+                false,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("normalise"), "{err}");
-        let err = h.validate("linear", &json!({}), &[json!({})], None, false).unwrap_err();
+        let err = h
+            .validate("linear", &json!({}), &[json!({})], None, false)
+            .unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
         let info = h.info("linear").expect("registered");
-        assert_eq!(info.params_schema["properties"]["normalize"]["default"], json!(true));
-        assert!(info.model_params_schema["properties"]["weight"]["description"].as_str().unwrap().contains("weight"));
+        assert_eq!(
+            info.params_schema["properties"]["normalize"]["default"],
+            json!(true)
+        );
+        assert!(info.model_params_schema["properties"]["weight"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("weight"));
     }
 
     #[test]
     fn linear_refuses_zero_weight_sum_when_normalizing() {
         let err = harness()
-            .validate("linear", &json!({}), &[json!({"weight": 1.0}), json!({"weight": -1.0})], None, false)
+            .validate(
+                "linear",
+                &json!({}),
+                &[json!({"weight": 1.0}), json!({"weight": -1.0})],
+                None,
+                false,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("sum to 0"), "{err}");
     }
 
     #[test]
     fn linear_of_one_model_returns_it_unchanged() {
-        let t = candle_core::Tensor::new(&[[1.5f32, -2.25], [3.0, 0.125]], &candle_core::Device::Cpu).unwrap();
+        let t =
+            candle_core::Tensor::new(&[[1.5f32, -2.25], [3.0, 0.125]], &candle_core::Device::Cpu).unwrap();
         let out = harness()
-            .merge("linear", &json!({}), &[ModelInput::new(t.clone(), json!({"weight": 0.7}))], None, None)
+            .merge(
+                "linear",
+                &json!({}),
+                &[ModelInput::new(t.clone(), json!({"weight": 0.7}))],
+                None,
+                None,
+            )
             .unwrap();
         assert_eq!(out.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
     }

@@ -134,11 +134,19 @@ impl MergeMethod for ModelStock {
         count_others(models.len(), cx.base_index, cx.has_base).map(|_| ())
     }
 
-    fn merge<'b>(params: &Params, models: Vec<MergeInput<'b, ModelParams>>, cx: &MergeContext<'b>) -> Result<Tensor<'b>> {
+    fn merge<'b>(
+        params: &Params,
+        models: Vec<MergeInput<'b, ModelParams>>,
+        cx: &MergeContext<'b>,
+    ) -> Result<Tensor<'b>> {
         let base = cx.require_base(Self::NAME)?;
         let n = count_others(models.len(), cx.base_index, true)?;
         let out_dtype = base.dtype();
-        let work = if out_dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let work = if out_dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let shape = base.shape();
         for m in &models {
             if m.tensor.shape() != shape {
@@ -165,7 +173,10 @@ impl MergeMethod for ModelStock {
 
         if !params.filter_wise {
             let offsets: Vec<Tensor<'b>> = ws.iter().map(|w| w.sub(&base_w)).collect::<Result<_>>()?;
-            let sum_sqs: Vec<Vec<f64>> = offsets.iter().map(|o| o.sum_sq().map(|s| vec![s])).collect::<Result<_>>()?;
+            let sum_sqs: Vec<Vec<f64>> = offsets
+                .iter()
+                .map(|o| o.sum_sq().map(|s| vec![s]))
+                .collect::<Result<_>>()?;
             let mut dots = Vec::new();
             for i in 0..n {
                 for j in i + 1..n {
@@ -209,7 +220,10 @@ impl MergeMethod for ModelStock {
         let t = cx.backend.from_f32(&t, &[rows, 1], work)?;
         let rest = cx.backend.from_f32(&rest, &[rows, 1], work)?;
         let avg = mean(cx.backend, &ws_2d, work)?;
-        avg.mul(&t)?.add(&base_2d.mul(&rest)?)?.reshape(&shape)?.to_dtype(out_dtype)
+        avg.mul(&t)?
+            .add(&base_2d.mul(&rest)?)?
+            .reshape(&shape)?
+            .to_dtype(out_dtype)
     }
 }
 
@@ -233,7 +247,12 @@ mod tests {
     }
 
     fn values(t: &CTensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -245,26 +264,35 @@ mod tests {
     }
 
     fn inputs(ts: &[&CTensor]) -> Vec<ModelInput> {
-        ts.iter().map(|t| ModelInput::new((*t).clone(), json!({}))).collect()
+        ts.iter()
+            .map(|t| ModelInput::new((*t).clone(), json!({})))
+            .collect()
     }
 
     /// Largest `|got − want|`, after asserting each is within 4 f32 ulp of `max(1, |want|)`.
-    /// Also logs how many elements differ at all and by how many ulp at most.
+    /// Also logs how many elements differ at all, and the largest difference in units of
+    /// `f32::EPSILON · max(1, |want|)` (the tolerance is 4 of them).
     fn assert_close(got: &[f32], want: &[f32], what: &str) -> f32 {
         assert_eq!(got.len(), want.len(), "{what}: length");
-        let (mut worst, mut differing, mut ulps) = (0f32, 0usize, 0i64);
+        let (mut worst, mut differing, mut units) = (0f32, 0usize, 0f32);
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             let diff = (g - w).abs();
             let tol = 4.0 * f32::EPSILON * w.abs().max(1.0);
-            assert!(diff <= tol, "{what}[{i}]: got {g}, want {w} (|diff| {diff:e} > {tol:e})");
+            assert!(
+                diff <= tol,
+                "{what}[{i}]: got {g}, want {w} (|diff| {diff:e} > {tol:e})"
+            );
             worst = worst.max(diff);
             if g.to_bits() != w.to_bits() {
                 differing += 1;
-                ulps = ulps.max((g.to_bits() as i32 as i64 - w.to_bits() as i32 as i64).abs());
+                units = units.max(diff / (f32::EPSILON * w.abs().max(1.0)));
             }
         }
         if differing > 0 {
-            eprintln!("  {what}: {differing}/{} elements differ, max {worst:e} ({ulps} ulp)", got.len());
+            eprintln!(
+                "  {what}: {differing}/{} elements differ, max {worst:e} ({units:.2} eps)",
+                got.len()
+            );
         }
         worst
     }
@@ -286,13 +314,29 @@ mod tests {
             let want = expected.load(&name).unwrap();
             // As in the fixture's config: the base only as `base_model:`.
             let out = h
-                .merge_named("model_stock", &name, &json!({}), &inputs(&[&ts[0], &ts[1], &ts[2]]), Some(&b), None, 42)
+                .merge_named(
+                    "model_stock",
+                    &name,
+                    &json!({}),
+                    &inputs(&[&ts[0], &ts[1], &ts[2]]),
+                    Some(&b),
+                    None,
+                    42,
+                )
                 .expect("merge");
             assert_eq!((out.dims(), out.dtype()), (want.dims(), want.dtype()), "{name}");
             worst = worst.max(assert_close(&values(&out), &values(&want), &name));
             // The base listed among the models too: it is not counted as a fine-tune.
             let listed = h
-                .merge_named("model_stock", &name, &json!({}), &inputs(&[&ts[0], &b, &ts[1], &ts[2]]), Some(&b), Some(1), 42)
+                .merge_named(
+                    "model_stock",
+                    &name,
+                    &json!({}),
+                    &inputs(&[&ts[0], &b, &ts[1], &ts[2]]),
+                    Some(&b),
+                    Some(1),
+                    42,
+                )
                 .expect("merge");
             listed_worst = listed_worst.max(assert_close(&values(&listed), &values(&want), &name));
         }
@@ -302,7 +346,10 @@ mod tests {
     /// The dyadic 3×4 inputs of `tests/model_stock_reference.py` (exact in f32).
     fn reference_inputs() -> (CTensor, Vec<CTensor>) {
         let grid = |f: &dyn Fn(i64, i64) -> f32| -> Vec<f32> {
-            (0..3).flat_map(|i| (0..4).map(move |j| (i, j))).map(|(i, j)| f(i, j)).collect()
+            (0..3)
+                .flat_map(|i| (0..4).map(move |j| (i, j)))
+                .map(|(i, j)| f(i, j))
+                .collect()
         };
         let base = grid(&|i, j| ((i * 3 + j * 5 + 1) % 7 - 3) as f32 / 16.0);
         let models = (1..=3)
@@ -320,7 +367,7 @@ mod tests {
         // Printed by `python3 plugins/model-stock/tests/model_stock_reference.py` (numpy, float64);
         // whole tensor: t = -0.2093; filter_wise: t = [0.3616, -0.0244, -3.0] per row.
         #[rustfmt::skip]
-        let cases: [(bool, [f32; 12]); 2] = [
+        let cases: [(bool, [f64; 12]); 2] = [
             (false, [-1.119196804e-01, 1.744196804e-01, 6.250000000e-02, -4.941968040e-02, 5.595984020e-02, -7.558031960e-02, -1.875000000e-01, 1.380803196e-01, -1.940401598e-01, 1.315401598e-01, 0.000000000e+00, -1.315401598e-01]),
             (true, [-1.476028141e-01, 2.101028141e-01, 6.250000000e-02, -8.510281411e-02, 6.173677802e-02, -6.402644395e-02, -1.875000000e-01, 1.265264440e-01, -2.812500000e-01, 2.187500000e-01, 0.000000000e+00, -2.187500000e-01]),
         ];
@@ -329,9 +376,22 @@ mod tests {
         let mut worst = 0f32;
         for (filter_wise, want) in cases {
             let params = json!({ "filter_wise": filter_wise });
-            let out = h.merge("model_stock", &params, &inputs(&[&ms[0], &ms[1], &ms[2]]), Some(&base), None).unwrap();
+            let out = h
+                .merge(
+                    "model_stock",
+                    &params,
+                    &inputs(&[&ms[0], &ms[1], &ms[2]]),
+                    Some(&base),
+                    None,
+                )
+                .unwrap();
             assert_eq!(out.dims(), &[3, 4]);
-            worst = worst.max(assert_close(&values(&out), &want, &format!("filter_wise {filter_wise}")));
+            let want: Vec<f32> = want.iter().map(|&w| w as f32).collect();
+            worst = worst.max(assert_close(
+                &values(&out),
+                &want,
+                &format!("filter_wise {filter_wise}"),
+            ));
         }
         eprintln!("model_stock: max |diff| vs float64 reference = {worst:e}");
     }
@@ -345,15 +405,39 @@ mod tests {
         let ft = ct(&ft, &[2, 4]);
         for filter_wise in [false, true] {
             let params = json!({ "filter_wise": filter_wise });
-            let out = h.merge("model_stock", &params, &inputs(&[&ft, &ft, &ft]), Some(&base), None).unwrap();
-            assert_eq!(bits(&values(&out)), bits(&values(&ft)), "filter_wise {filter_wise}");
+            let out = h
+                .merge(
+                    "model_stock",
+                    &params,
+                    &inputs(&[&ft, &ft, &ft]),
+                    Some(&base),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(
+                bits(&values(&out)),
+                bits(&values(&ft)),
+                "filter_wise {filter_wise}"
+            );
         }
         // Generic identical fine-tunes: cos = 1 up to rounding, so within a few ulp.
         let (base, ms) = reference_inputs();
         for filter_wise in [false, true] {
             let params = json!({ "filter_wise": filter_wise });
-            let out = h.merge("model_stock", &params, &inputs(&[&ms[1], &ms[1]]), Some(&base), None).unwrap();
-            assert_close(&values(&out), &values(&ms[1]), &format!("identical, filter_wise {filter_wise}"));
+            let out = h
+                .merge(
+                    "model_stock",
+                    &params,
+                    &inputs(&[&ms[1], &ms[1]]),
+                    Some(&base),
+                    None,
+                )
+                .unwrap();
+            assert_close(
+                &values(&out),
+                &values(&ms[1]),
+                &format!("identical, filter_wise {filter_wise}"),
+            );
         }
     }
 
@@ -367,7 +451,15 @@ mod tests {
         let opposite = ct(&opposite, &[3, 4]);
         for filter_wise in [false, true] {
             let params = json!({ "filter_wise": filter_wise });
-            let out = h.merge("model_stock", &params, &inputs(&[&ms[0], &opposite]), Some(&base), None).unwrap();
+            let out = h
+                .merge(
+                    "model_stock",
+                    &params,
+                    &inputs(&[&ms[0], &opposite]),
+                    Some(&base),
+                    None,
+                )
+                .unwrap();
             assert_eq!(bits(&values(&out)), bits(&b), "filter_wise {filter_wise}");
         }
     }
@@ -380,38 +472,95 @@ mod tests {
         let params = json!({ "filter_wise": true });
         // A 1-D tensor is one row: the same t as the whole-tensor mode.
         let one_row = h
-            .merge("model_stock", &params, &inputs(&[&flat(&ms[0]), &flat(&ms[1]), &flat(&ms[2])]), Some(&flat(&base)), None)
+            .merge(
+                "model_stock",
+                &params,
+                &inputs(&[&flat(&ms[0]), &flat(&ms[1]), &flat(&ms[2])]),
+                Some(&flat(&base)),
+                None,
+            )
             .unwrap();
-        let whole = h.merge("model_stock", &json!({}), &inputs(&[&ms[0], &ms[1], &ms[2]]), Some(&base), None).unwrap();
+        let whole = h
+            .merge(
+                "model_stock",
+                &json!({}),
+                &inputs(&[&ms[0], &ms[1], &ms[2]]),
+                Some(&base),
+                None,
+            )
+            .unwrap();
         assert_eq!(one_row.dims(), &[12]);
-        assert_close(&values(&one_row), &values(&whole), "1-D filter_wise vs whole tensor");
+        assert_close(
+            &values(&one_row),
+            &values(&whole),
+            "1-D filter_wise vs whole tensor",
+        );
         let bf = |t: &CTensor| t.to_dtype(candle_core::DType::BF16).unwrap();
         let out = h
-            .merge("model_stock", &params, &inputs(&[&bf(&ms[0]), &bf(&ms[1]), &bf(&ms[2])]), Some(&bf(&base)), None)
+            .merge(
+                "model_stock",
+                &params,
+                &inputs(&[&bf(&ms[0]), &bf(&ms[1]), &bf(&ms[2])]),
+                Some(&bf(&base)),
+                None,
+            )
             .unwrap();
-        assert_eq!((out.dims(), out.dtype()), (&[3usize, 4][..], candle_core::DType::BF16));
+        assert_eq!(
+            (out.dims(), out.dtype()),
+            (&[3usize, 4][..], candle_core::DType::BF16)
+        );
     }
 
     #[test]
     fn model_stock_needs_a_base_and_two_fine_tunes() {
         let h = harness();
         let e = json!({});
-        let err = h.validate("model_stock", &e, &[e.clone(), e.clone()], None, false).unwrap_err();
+        let err = h
+            .validate("model_stock", &e, &[e.clone(), e.clone()], None, false)
+            .unwrap_err();
         assert!(err.to_string().contains("needs a base model"), "{err}");
-        let err = h.validate("model_stock", &e, &[e.clone(), e.clone()], Some(0), true).unwrap_err();
-        assert!(err.to_string().contains("at least two models besides the base (got 1)"), "{err}");
-        h.validate("model_stock", &e, &[e.clone(), e.clone()], None, true).unwrap();
-        h.validate("model_stock", &e, &[e.clone(), e.clone(), e.clone()], Some(2), true).unwrap();
+        let err = h
+            .validate("model_stock", &e, &[e.clone(), e.clone()], Some(0), true)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("at least two models besides the base (got 1)"),
+            "{err}"
+        );
+        h.validate("model_stock", &e, &[e.clone(), e.clone()], None, true)
+            .unwrap();
+        h.validate(
+            "model_stock",
+            &e,
+            &[e.clone(), e.clone(), e.clone()],
+            Some(2),
+            true,
+        )
+        .unwrap();
     }
 
     #[test]
     fn model_stock_rejects_unknown_parameters_and_documents_its_schema() {
         let h = harness();
         let e = json!({});
-        let err = h.validate("model_stock", &json!({"filterwise": true}), &[e.clone(), e.clone()], None, true).unwrap_err();
+        let err = h
+            .validate(
+                "model_stock",
+                &json!({"filterwise": true}),
+                &[e.clone(), e.clone()],
+                None,
+                true,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("filterwise"), "{err}");
         let err = h
-            .validate("model_stock", &e, &[json!({"weight": 1.0}), e.clone()], None, true)
+            .validate(
+                "model_stock",
+                &e,
+                &[json!({"weight": 1.0}), e.clone()],
+                None,
+                true,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
         let info = h.info("model_stock").expect("registered");

@@ -265,11 +265,22 @@ impl MergeMethod for Nuslerp {
     type Params = NuslerpParams;
     type ModelParams = NuslerpModelParams;
 
-    fn validate(_params: &NuslerpParams, models: &[NuslerpModelParams], cx: &ValidateContext<'_>) -> Result<()> {
-        let others: Vec<(usize, &NuslerpModelParams)> =
-            models.iter().enumerate().filter(|(i, _)| Some(*i) != cx.base_index).collect();
+    fn validate(
+        _params: &NuslerpParams,
+        models: &[NuslerpModelParams],
+        cx: &ValidateContext<'_>,
+    ) -> Result<()> {
+        let others: Vec<(usize, &NuslerpModelParams)> = models
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != cx.base_index)
+            .collect();
         if others.len() != 2 {
-            return Err(nuslerp_models_error(models.len(), cx.base_index.is_some(), cx.has_base));
+            return Err(nuslerp_models_error(
+                models.len(),
+                cx.base_index.is_some(),
+                cx.has_base,
+            ));
         }
         for (i, m) in others {
             match m.weight {
@@ -306,9 +317,12 @@ impl MergeMethod for Nuslerp {
             ));
         };
         let weight = |m: &MergeInput<'b, NuslerpModelParams>| {
-            m.params
-                .weight
-                .ok_or_else(|| Error::params(format!("nuslerp: a model has no `weight` for `{}`", cx.tensor_name)))
+            m.params.weight.ok_or_else(|| {
+                Error::params(format!(
+                    "nuslerp: a model has no `weight` for `{}`",
+                    cx.tensor_name
+                ))
+            })
         };
         let (w1, w2) = (weight(m1)?, weight(m2)?);
         let total = w1 + w2;
@@ -322,7 +336,9 @@ impl MergeMethod for Nuslerp {
                 let base_w = base.to_dtype(work)?;
                 let d1 = m1.tensor.to_dtype(work)?.sub(&base_w)?;
                 let d2 = m2.tensor.to_dtype(work)?.sub(&base_w)?;
-                nuslerp_tensors(t, &d1, &d2, params)?.add(&base_w)?.to_dtype(base.dtype())
+                nuslerp_tensors(t, &d1, &d2, params)?
+                    .add(&base_w)?
+                    .to_dtype(base.dtype())
             }
             None => {
                 let work = work_dtype(m1.tensor.dtype());
@@ -354,7 +370,12 @@ mod tests {
     }
 
     fn values(t: &CTensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -362,22 +383,29 @@ mod tests {
     }
 
     /// Largest `|got − want|`, after asserting each is within 4 f32 ulp of `max(1, |want|)`.
-    /// Also logs how many elements differ at all and by how many ulp at most.
+    /// Also logs how many elements differ at all, and the largest difference in units of
+    /// `f32::EPSILON · max(1, |want|)` (the tolerance is 4 of them).
     fn assert_close(got: &[f32], want: &[f32], what: &str) -> f32 {
         assert_eq!(got.len(), want.len(), "{what}: length");
-        let (mut worst, mut differing, mut ulps) = (0f32, 0usize, 0i64);
+        let (mut worst, mut differing, mut units) = (0f32, 0usize, 0f32);
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             let diff = (g - w).abs();
             let tol = 4.0 * f32::EPSILON * w.abs().max(1.0);
-            assert!(diff <= tol, "{what}[{i}]: got {g}, want {w} (|diff| {diff:e} > {tol:e})");
+            assert!(
+                diff <= tol,
+                "{what}[{i}]: got {g}, want {w} (|diff| {diff:e} > {tol:e})"
+            );
             worst = worst.max(diff);
             if g.to_bits() != w.to_bits() {
                 differing += 1;
-                ulps = ulps.max((g.to_bits() as i32 as i64 - w.to_bits() as i32 as i64).abs());
+                units = units.max(diff / (f32::EPSILON * w.abs().max(1.0)));
             }
         }
         if differing > 0 {
-            eprintln!("  {what}: {differing}/{} elements differ, max {worst:e} ({ulps} ulp)", got.len());
+            eprintln!(
+                "  {what}: {differing}/{} elements differ, max {worst:e} ({units:.2} eps)",
+                got.len()
+            );
         }
         worst
     }
@@ -396,7 +424,10 @@ mod tests {
         for name in names {
             let b = base.load(&name).expect("tensor");
             let o = other.load(&name).expect("tensor");
-            let inputs = [ModelInput::new(b.clone(), json!({})), ModelInput::new(o.clone(), json!({}))];
+            let inputs = [
+                ModelInput::new(b.clone(), json!({})),
+                ModelInput::new(o.clone(), json!({})),
+            ];
             let t = t_of(&name);
             let out = h
                 .merge_named("slerp", &name, &json!({ "t": t }), &inputs, Some(&b), Some(0), 42)
@@ -406,17 +437,27 @@ mod tests {
             assert_eq!(out.dtype(), want.dtype(), "{name}");
             let (got, want) = (values(&out), values(&want));
             if t == 0.0 {
-                assert_eq!(bits(&got), bits(&values(&b)), "{name}: t = 0 must return the base bit for bit");
+                assert_eq!(
+                    bits(&got),
+                    bits(&values(&b)),
+                    "{name}: t = 0 must return the base bit for bit"
+                );
                 assert_eq!(bits(&got), bits(&want), "{name}");
                 as_base += 1;
             } else if t == 1.0 {
-                assert_eq!(bits(&got), bits(&values(&o)), "{name}: t = 1 must return the other model");
+                assert_eq!(
+                    bits(&got),
+                    bits(&values(&o)),
+                    "{name}: t = 1 must return the other model"
+                );
                 assert_eq!(bits(&got), bits(&want), "{name}");
                 as_other += 1;
             }
             worst = worst.max(assert_close(&got, &want, &format!("{case} {name}")));
         }
-        eprintln!("{case}: max |diff| vs mergekit = {worst:e} (t=0 tensors {as_base}, t=1 tensors {as_other})");
+        eprintln!(
+            "{case}: max |diff| vs mergekit = {worst:e} (t=0 tensors {as_base}, t=1 tensors {as_other})"
+        );
         (worst, as_base, as_other)
     }
 
@@ -460,12 +501,19 @@ mod tests {
         let other = ct(&[1.0, 0.5, -0.3, 0.9, 1.7, -0.2], &[2, 3]);
         for (t, want) in [(0.0, &base), (1.0, &other)] {
             // Base listed among the models (at index 1 this time) ...
-            let listed = [ModelInput::new(other.clone(), json!({})), ModelInput::new(base.clone(), json!({}))];
-            let out = h.merge("slerp", &json!({ "t": t }), &listed, Some(&base), Some(1)).unwrap();
+            let listed = [
+                ModelInput::new(other.clone(), json!({})),
+                ModelInput::new(base.clone(), json!({})),
+            ];
+            let out = h
+                .merge("slerp", &json!({ "t": t }), &listed, Some(&base), Some(1))
+                .unwrap();
             assert_eq!(bits(&values(&out)), bits(&values(want)), "t = {t}, base listed");
             // ... or given only as `base_model:`.
             let alone = [ModelInput::new(other.clone(), json!({}))];
-            let out = h.merge("slerp", &json!({ "t": t }), &alone, Some(&base), None).unwrap();
+            let out = h
+                .merge("slerp", &json!({ "t": t }), &alone, Some(&base), None)
+                .unwrap();
             assert_eq!(bits(&values(&out)), bits(&values(want)), "t = {t}, base alone");
         }
     }
@@ -475,8 +523,13 @@ mod tests {
         let h = harness();
         let base = ct(&[1.0, 0.0], &[2]).to_dtype(candle_core::DType::BF16).unwrap();
         let other = ct(&[0.0, 1.0], &[2]).to_dtype(candle_core::DType::BF16).unwrap();
-        let inputs = [ModelInput::new(base.clone(), json!({})), ModelInput::new(other, json!({}))];
-        let out = h.merge("slerp", &json!({ "t": 0.5 }), &inputs, Some(&base), Some(0)).unwrap();
+        let inputs = [
+            ModelInput::new(base.clone(), json!({})),
+            ModelInput::new(other, json!({})),
+        ];
+        let out = h
+            .merge("slerp", &json!({ "t": 0.5 }), &inputs, Some(&base), Some(0))
+            .unwrap();
         assert_eq!(out.dtype(), candle_core::DType::BF16);
         let v = values(&out);
         let half = std::f32::consts::FRAC_1_SQRT_2;
@@ -489,42 +542,85 @@ mod tests {
         let one = [json!({})];
         let two = [json!({}), json!({})];
         let three = [json!({}), json!({}), json!({})];
-        let err = h.validate("slerp", &json!({"t": 0.5}), &two, None, false).unwrap_err();
+        let err = h
+            .validate("slerp", &json!({"t": 0.5}), &two, None, false)
+            .unwrap_err();
         assert!(err.to_string().contains("no base model"), "{err}");
-        let err = h.validate("slerp", &json!({"t": 0.5}), &three, Some(0), true).unwrap_err();
+        let err = h
+            .validate("slerp", &json!({"t": 0.5}), &three, Some(0), true)
+            .unwrap_err();
         assert!(err.to_string().contains("exactly one other model"), "{err}");
-        let err = h.validate("slerp", &json!({"t": 0.5}), &two, None, true).unwrap_err();
+        let err = h
+            .validate("slerp", &json!({"t": 0.5}), &two, None, true)
+            .unwrap_err();
         assert!(err.to_string().contains("2 model(s) besides the base"), "{err}");
-        h.validate("slerp", &json!({"t": 0.5}), &two, Some(1), true).unwrap();
+        h.validate("slerp", &json!({"t": 0.5}), &two, Some(1), true)
+            .unwrap();
         h.validate("slerp", &json!({"t": 0.5}), &one, None, true).unwrap();
     }
 
     #[test]
     fn slerp_and_nuslerp_reject_unknown_parameters_and_document_their_schemas() {
         let h = harness();
-        let err = h.validate("slerp", &json!({"t": 0.5, "tt": 1}), &[json!({}), json!({})], Some(0), true).unwrap_err();
+        let err = h
+            .validate(
+                "slerp",
+                &json!({"t": 0.5, "tt": 1}),
+                &[json!({}), json!({})],
+                Some(0),
+                true,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("tt"), "{err}");
-        let err = h.validate("slerp", &json!({}), &[json!({}), json!({})], Some(0), true).unwrap_err();
+        let err = h
+            .validate("slerp", &json!({}), &[json!({}), json!({})], Some(0), true)
+            .unwrap_err();
         assert!(err.to_string().contains("`t`"), "{err}");
         let err = h
-            .validate("slerp", &json!({"t": 0.5}), &[json!({}), json!({"weight": 1.0})], Some(0), true)
+            .validate(
+                "slerp",
+                &json!({"t": 0.5}),
+                &[json!({}), json!({"weight": 1.0})],
+                Some(0),
+                true,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
         let err = h
-            .validate("nuslerp", &json!({"nuslerp_flaten": false}), &[json!({"weight": 1.0}), json!({"weight": 1.0})], None, false)
+            .validate(
+                "nuslerp",
+                &json!({"nuslerp_flaten": false}),
+                &[json!({"weight": 1.0}), json!({"weight": 1.0})],
+                None,
+                false,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("nuslerp_flaten"), "{err}");
 
         let slerp = h.info("slerp").expect("registered");
-        assert!(slerp.params_schema["properties"]["t"]["description"].as_str().unwrap().contains("t = 0"));
+        assert!(slerp.params_schema["properties"]["t"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("t = 0"));
         assert_eq!(slerp.params_schema["required"], json!(["t"]));
         let nu = h.info("nuslerp").expect("registered");
-        assert_eq!(nu.params_schema["properties"]["nuslerp_flatten"]["default"], json!(true));
-        assert_eq!(nu.params_schema["properties"]["nuslerp_row_wise"]["default"], json!(false));
+        assert_eq!(
+            nu.params_schema["properties"]["nuslerp_flatten"]["default"],
+            json!(true)
+        );
+        assert_eq!(
+            nu.params_schema["properties"]["nuslerp_row_wise"]["default"],
+            json!(false)
+        );
         for key in ["nuslerp_flatten", "nuslerp_row_wise"] {
-            assert!(nu.params_schema["properties"][key]["description"].is_string(), "{key}");
+            assert!(
+                nu.params_schema["properties"][key]["description"].is_string(),
+                "{key}"
+            );
         }
-        let weight = nu.model_params_schema["properties"]["weight"]["description"].as_str().unwrap();
+        let weight = nu.model_params_schema["properties"]["weight"]["description"]
+            .as_str()
+            .unwrap();
         assert!(weight.contains("w₂/(w₁+w₂)"), "{weight}");
     }
 
@@ -532,21 +628,32 @@ mod tests {
     fn nuslerp_requires_two_weighted_models_besides_the_base() {
         let h = harness();
         let w = |x: f64| json!({ "weight": x });
-        let err = h.validate("nuslerp", &json!({}), &[w(1.0)], None, false).unwrap_err();
+        let err = h
+            .validate("nuslerp", &json!({}), &[w(1.0)], None, false)
+            .unwrap_err();
         assert!(err.to_string().contains("exactly two models"), "{err}");
-        let err = h.validate("nuslerp", &json!({}), &[w(1.0), w(1.0)], Some(0), true).unwrap_err();
+        let err = h
+            .validate("nuslerp", &json!({}), &[w(1.0), w(1.0)], Some(0), true)
+            .unwrap_err();
         assert!(err.to_string().contains("1 model(s) besides the base"), "{err}");
-        let err = h.validate("nuslerp", &json!({}), &[w(1.0), json!({})], None, false).unwrap_err();
+        let err = h
+            .validate("nuslerp", &json!({}), &[w(1.0), json!({})], None, false)
+            .unwrap_err();
         assert!(err.to_string().contains("model #1 has no `weight`"), "{err}");
         // The base may be listed without a weight.
-        h.validate("nuslerp", &json!({}), &[json!({}), w(1.0), w(2.0)], Some(0), true).unwrap();
-        h.validate("nuslerp", &json!({}), &[w(1.0), w(2.0)], None, true).unwrap();
+        h.validate("nuslerp", &json!({}), &[json!({}), w(1.0), w(2.0)], Some(0), true)
+            .unwrap();
+        h.validate("nuslerp", &json!({}), &[w(1.0), w(2.0)], None, true)
+            .unwrap();
     }
 
     /// The dyadic 3×4 inputs of `tests/nuslerp_reference.py` (exact in f32).
     fn reference_inputs() -> (CTensor, CTensor, CTensor) {
         let make = |f: &dyn Fn(i64, i64) -> f32| {
-            let v: Vec<f32> = (0..3).flat_map(|i| (0..4).map(move |j| (i, j))).map(|(i, j)| f(i, j)).collect();
+            let v: Vec<f32> = (0..3)
+                .flat_map(|i| (0..4).map(move |j| (i, j)))
+                .map(|(i, j)| f(i, j))
+                .collect();
             ct(&v, &[3, 4])
         };
         let a = make(&|i, j| ((i * 7 + j * 3) % 11 - 5) as f32 / 4.0);
@@ -558,8 +665,10 @@ mod tests {
     #[test]
     fn nuslerp_matches_independent_float64_reference() {
         // Printed by `python3 plugins/slerp/tests/nuslerp_reference.py` (numpy, float64).
+        // (case, w1, w2, nuslerp_flatten, nuslerp_row_wise, with base, expected output)
+        type Case = (&'static str, f64, f64, bool, bool, bool, [f64; 12]);
         #[rustfmt::skip]
-        let cases: [(&str, f64, f64, bool, bool, bool, [f32; 12]); 5] = [
+        let cases: [Case; 5] = [
             ("flat_w1_3", 1.0, 3.0, true, false, false, [-7.381107511e-01, -2.737365954e-01, 1.906375604e-01, 6.550117161e-01, 3.812751207e-01, 8.456492765e-01, 3.959340470e-01, -5.376926267e-01, -8.114292221e-01, -3.470550664e-01, 1.173190894e-01, -3.323961401e-01]),
             ("rows_w2_1", 2.0, 1.0, false, false, false, [-9.604330526e-01, -3.758127866e-01, 2.088074794e-01, 7.934277455e-01, 5.340715220e-01, 1.276283378e+00, -2.710484410e-01, -2.944771344e-01, -8.080127019e-01, -3.349364905e-02, 7.410254038e-01, -8.660254038e-01]),
             ("cols_w1_1", 1.0, 1.0, false, true, false, [-8.634545221e-01, -3.524747702e-01, 5.478159014e-01, 8.325528464e-01, 3.985174717e-01, 9.869293567e-01, 0.000000000e+00, -3.784331120e-01, -6.641957862e-01, -1.409899081e-01, 1.095631803e+00, -6.054929792e-01]),
@@ -575,8 +684,11 @@ mod tests {
                 ModelInput::new(b.clone(), json!({ "weight": w2 })),
             ];
             let params = json!({ "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise });
-            let out = h.merge("nuslerp", &params, &inputs, with_base.then_some(&base), None).unwrap();
+            let out = h
+                .merge("nuslerp", &params, &inputs, with_base.then_some(&base), None)
+                .unwrap();
             assert_eq!(out.dims(), &[3, 4], "{name}");
+            let want: Vec<f32> = want.iter().map(|&w| w as f32).collect();
             worst = worst.max(assert_close(&values(&out), &want, name));
         }
         eprintln!("nuslerp: max |diff| vs float64 reference = {worst:e}");
@@ -586,14 +698,22 @@ mod tests {
     fn nuslerp_endpoint_weights_return_one_model_and_equal_copies_return_the_copy() {
         let h = harness();
         let (a, b, _) = reference_inputs();
-        for params in [json!({}), json!({"nuslerp_flatten": false}), json!({"nuslerp_flatten": false, "nuslerp_row_wise": true})] {
+        for params in [
+            json!({}),
+            json!({"nuslerp_flatten": false}),
+            json!({"nuslerp_flatten": false, "nuslerp_row_wise": true}),
+        ] {
             for ((w1, w2), want) in [((1.0, 0.0), &a), ((0.0, 2.0), &b)] {
                 let inputs = [
                     ModelInput::new(a.clone(), json!({ "weight": w1 })),
                     ModelInput::new(b.clone(), json!({ "weight": w2 })),
                 ];
                 let out = h.merge("nuslerp", &params, &inputs, None, None).unwrap();
-                assert_eq!(bits(&values(&out)), bits(&values(want)), "{params} w = ({w1}, {w2})");
+                assert_eq!(
+                    bits(&values(&out)),
+                    bits(&values(want)),
+                    "{params} w = ({w1}, {w2})"
+                );
             }
             // Two identical models with equal weights: θ = 0, the result is the model itself.
             let inputs = [
@@ -614,7 +734,9 @@ mod tests {
             ModelInput::new(a.clone(), json!({ "weight": 0.5 })),
             ModelInput::new(a.clone(), json!({ "weight": 0.5 })),
         ];
-        let out = h.merge("nuslerp", &json!({}), &inputs, Some(&base), Some(0)).unwrap();
+        let out = h
+            .merge("nuslerp", &json!({}), &inputs, Some(&base), Some(0))
+            .unwrap();
         assert_close(&values(&out), &values(&a), "identical task vectors");
     }
 }

@@ -28,7 +28,10 @@ impl MergeMethod for LerpPair {
 
     fn validate(p: &LerpParams, models: &[NoParams], _cx: &ValidateContext<'_>) -> Result<()> {
         if models.len() != 2 {
-            return Err(Error::params(format!("lerp_pair takes exactly 2 models, got {}", models.len())));
+            return Err(Error::params(format!(
+                "lerp_pair takes exactly 2 models, got {}",
+                models.len()
+            )));
         }
         if !(0.0..=1.0).contains(&p.t) {
             return Err(Error::params(format!("t = {} is outside [0, 1]", p.t)));
@@ -36,7 +39,11 @@ impl MergeMethod for LerpPair {
         Ok(())
     }
 
-    fn merge<'b>(p: &LerpParams, models: Vec<MergeInput<'b, NoParams>>, cx: &MergeContext<'b>) -> Result<Tensor<'b>> {
+    fn merge<'b>(
+        p: &LerpParams,
+        models: Vec<MergeInput<'b, NoParams>>,
+        cx: &MergeContext<'b>,
+    ) -> Result<Tensor<'b>> {
         mglue_plugin_api::tracing::debug!(tensor = cx.tensor_name, "lerp_pair merging");
         models[0].tensor.lerp(&models[1].tensor, p.t)
     }
@@ -51,7 +58,11 @@ impl MergeMethod for AlwaysPanics {
     type Params = NoParams;
     type ModelParams = NoParams;
 
-    fn merge<'b>(_: &NoParams, _: Vec<MergeInput<'b, NoParams>>, cx: &MergeContext<'b>) -> Result<Tensor<'b>> {
+    fn merge<'b>(
+        _: &NoParams,
+        _: Vec<MergeInput<'b, NoParams>>,
+        cx: &MergeContext<'b>,
+    ) -> Result<Tensor<'b>> {
         panic!("deliberate panic while merging {}", cx.tensor_name)
     }
 }
@@ -62,6 +73,9 @@ impl MergeMethod for AlwaysPanics {
 pub struct FailParams {
     /// The tensor on which to fail.
     pub tensor: String,
+    /// Milliseconds to sleep per tensor (to interrupt a run while it is in flight).
+    #[serde(default)]
+    pub sleep_ms: u64,
 }
 
 /// Copies the first model, but fails on one named tensor.
@@ -73,9 +87,17 @@ impl MergeMethod for FailOn {
     type Params = FailParams;
     type ModelParams = NoParams;
 
-    fn merge<'b>(p: &FailParams, models: Vec<MergeInput<'b, NoParams>>, cx: &MergeContext<'b>) -> Result<Tensor<'b>> {
+    fn merge<'b>(
+        p: &FailParams,
+        models: Vec<MergeInput<'b, NoParams>>,
+        cx: &MergeContext<'b>,
+    ) -> Result<Tensor<'b>> {
+        std::thread::sleep(std::time::Duration::from_millis(p.sleep_ms));
         if cx.tensor_name == p.tensor {
-            return Err(Error::Other(format!("refusing to merge {} on purpose", cx.tensor_name)));
+            return Err(Error::Other(format!(
+                "refusing to merge {} on purpose",
+                cx.tensor_name
+            )));
         }
         models[0].tensor.dup()
     }

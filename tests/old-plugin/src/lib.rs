@@ -22,7 +22,11 @@ impl MergeMethod for OldMean {
     type Params = Params;
     type ModelParams = ModelParams;
 
-    fn merge<'b>(_: &Params, models: Vec<MergeInput<'b, ModelParams>>, _cx: &MergeContext<'b>) -> Result<Tensor<'b>> {
+    fn merge<'b>(
+        _: &Params,
+        models: Vec<MergeInput<'b, ModelParams>>,
+        _cx: &MergeContext<'b>,
+    ) -> Result<Tensor<'b>> {
         let dtype = models[0].tensor.dtype();
         let mut acc = models[0].tensor.to_dtype(DType::F32)?;
         for m in &models[1..] {

@@ -73,10 +73,7 @@ impl ModelSpec {
         // overflow whatever a damaged file claims (real models are below 2^20 everywhere).
         let dim = |k: &str, v: usize| -> Result<usize, GgufError> {
             if v == 0 || v > MAX_DIM {
-                return Err(md.bad(
-                    &key(k),
-                    format!("is {v}; it must be between 1 and {MAX_DIM}"),
-                ));
+                return Err(md.bad(&key(k), format!("is {v}; it must be between 1 and {MAX_DIM}")));
             }
             Ok(v)
         };
@@ -117,9 +114,7 @@ impl ModelSpec {
             if v != head_dim {
                 return Err(md.bad(
                     &key("attention.value_length"),
-                    format!(
-                        "is {v} but the key length is {head_dim}; Hugging Face needs them equal"
-                    ),
+                    format!("is {v} but the key length is {head_dim}; Hugging Face needs them equal"),
                 ));
             }
         }
@@ -156,10 +151,7 @@ impl ModelSpec {
             })?;
         let rope_theta = md.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let sliding_window = match arch {
-            Arch::Gemma3 => Some(
-                md.opt_usize(&key("attention.sliding_window"))?
-                    .unwrap_or(4096),
-            ),
+            Arch::Gemma3 => Some(md.opt_usize(&key("attention.sliding_window"))?.unwrap_or(4096)),
             _ => None,
         };
 
@@ -248,12 +240,7 @@ impl Transform {
 /// within each head, Hugging Face row `t * head_dim/2 + j` (half `t` of RoPE pair `j`) becomes
 /// GGUF row `2j + t`. This is the inverse: reshape to `[n_head, head_dim/2, 2, cols]`, swap axes
 /// 1 and 2, i.e. Hugging Face row `t * head_dim/2 + j` = GGUF row `2j + t`.
-pub(super) fn unpermute_rope_rows(
-    src: &[f32],
-    rows: usize,
-    cols: usize,
-    n_head: usize,
-) -> Vec<f32> {
+pub(super) fn unpermute_rope_rows(src: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     let head_dim = rows / n_head;
     let half = head_dim / 2;
     let mut dst = vec![0f32; src.len()];
@@ -614,21 +601,11 @@ mod tests {
         let (rows, cols, n_head) = (3 * 8, 5, 3);
         let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
         assert_eq!(
-            unpermute_rope_rows(
-                &permute_rope_rows(&w, rows, cols, n_head),
-                rows,
-                cols,
-                n_head
-            ),
+            unpermute_rope_rows(&permute_rope_rows(&w, rows, cols, n_head), rows, cols, n_head),
             w
         );
         assert_eq!(
-            permute_rope_rows(
-                &unpermute_rope_rows(&w, rows, cols, n_head),
-                rows,
-                cols,
-                n_head
-            ),
+            permute_rope_rows(&unpermute_rope_rows(&w, rows, cols, n_head), rows, cols, n_head),
             w
         );
         assert_ne!(unpermute_rope_rows(&w, rows, cols, n_head), w);

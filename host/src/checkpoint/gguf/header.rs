@@ -95,8 +95,7 @@ pub(super) fn validate(bytes: &[u8], path: &Path) -> Result<(), GgufError> {
     let needed = kv_count
         .saturating_mul(prefix + 5)
         .saturating_add(tensor_count.saturating_mul(prefix + 16));
-    if tensor_count > MAX_ARRAY_ELEMENTS || kv_count > MAX_ARRAY_ELEMENTS || needed > r.remaining()
-    {
+    if tensor_count > MAX_ARRAY_ELEMENTS || kv_count > MAX_ARRAY_ELEMENTS || needed > r.remaining() {
         return Err(r.header_err(
             8,
             format!(
@@ -125,18 +124,12 @@ pub(super) fn validate(bytes: &[u8], path: &Path) -> Result<(), GgufError> {
                 vt::I8 => Some(i64::from(raw[0] as i8)),
                 vt::U16 => Some(i64::from(u16::from_le_bytes([raw[0], raw[1]]))),
                 vt::I16 => Some(i64::from(i16::from_le_bytes([raw[0], raw[1]]))),
-                vt::U32 => Some(i64::from(u32::from_le_bytes([
-                    raw[0], raw[1], raw[2], raw[3],
-                ]))),
-                vt::I32 => Some(i64::from(i32::from_le_bytes([
-                    raw[0], raw[1], raw[2], raw[3],
-                ]))),
+                vt::U32 => Some(i64::from(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))),
+                vt::I32 => Some(i64::from(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))),
                 _ => None,
             };
             match value {
-                Some(0) => {
-                    return Err(r.value_err(&key, "is 0; it must be a positive byte count".into()))
-                }
+                Some(0) => return Err(r.value_err(&key, "is 0; it must be a positive byte count".into())),
                 Some(a) if a > 0 => alignment = a.unsigned_abs(),
                 _ => {}
             }
@@ -182,7 +175,7 @@ pub(super) fn validate(bytes: &[u8], path: &Path) -> Result<(), GgufError> {
             ggml_type: type_id,
         })?;
         let block = dtype.block_size() as u64;
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(r.tensor_err(
                 &name,
                 format!(
@@ -315,18 +308,13 @@ impl<'a> Reader<'a> {
             ));
         }
         let b = self.take(n, what)?;
-        Ok(String::from_utf8_lossy(b)
-            .trim_end_matches('\0')
-            .to_string())
+        Ok(String::from_utf8_lossy(b).trim_end_matches('\0').to_string())
     }
 
     /// Skips one value of type `ty`, checking it the way candle's reader will.
     fn skip_value(&mut self, ty: u32, depth: usize, key: &str) -> Result<(), GgufError> {
         if depth > MAX_VALUE_DEPTH {
-            return Err(self.value_err(
-                key,
-                format!("nests arrays deeper than {MAX_VALUE_DEPTH} levels"),
-            ));
+            return Err(self.value_err(key, format!("nests arrays deeper than {MAX_VALUE_DEPTH} levels")));
         }
         let what = format!("the value of `{key}`");
         match ty {
@@ -336,10 +324,7 @@ impl<'a> Reader<'a> {
             vt::U64 | vt::I64 | vt::F64 => self.take(8, &what).map(drop),
             vt::BOOL => match self.take(1, &what)?[0] {
                 0 | 1 => Ok(()),
-                b => Err(self.value_err(
-                    key,
-                    format!("holds the bool byte {b}; only 0 and 1 are valid"),
-                )),
+                b => Err(self.value_err(key, format!("holds the bool byte {b}; only 0 and 1 are valid"))),
             },
             vt::STRING => {
                 let start = self.pos;
@@ -363,8 +348,7 @@ impl<'a> Reader<'a> {
                     vt::STRING => self.len_size(),
                     vt::ARRAY => 4 + self.len_size(),
                     other => {
-                        return Err(self
-                            .value_err(key, format!("is an array of unknown value type {other}")))
+                        return Err(self.value_err(key, format!("is an array of unknown value type {other}")))
                     }
                 };
                 if n > MAX_ARRAY_ELEMENTS || n.saturating_mul(min) > self.remaining() {
@@ -397,11 +381,7 @@ mod tests {
     use super::*;
 
     /// A minimal version-3 GGUF image: the given kv pairs (already encoded) and tensor infos.
-    fn image(
-        kvs: &[(&str, u32, Vec<u8>)],
-        tensors: &[(&str, &[u64], u32, u64)],
-        data: usize,
-    ) -> Vec<u8> {
+    fn image(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(b"GGUF");
         b.extend_from_slice(&3u32.to_le_bytes());
@@ -450,10 +430,7 @@ mod tests {
     fn rejects_data_past_the_end_naming_the_tensor() {
         let b = image(&[], &[("blk.0.x", &[4, 2], 0, 0)], 31);
         let err = check(&b).expect_err("32 bytes needed").to_string();
-        assert!(
-            err.contains("blk.0.x") && err.contains("truncated"),
-            "{err}"
-        );
+        assert!(err.contains("blk.0.x") && err.contains("truncated"), "{err}");
     }
 
     #[test]

@@ -14,10 +14,7 @@ use serde::Serialize;
 
 use super::GgufError;
 
-fn io_err<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> GgufError + 'a {
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> GgufError + 'a {
     move |source| GgufError::Io {
         action,
         path: path.to_path_buf(),
@@ -205,11 +202,7 @@ pub(super) struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
-    pub(super) fn create(
-        path: &Path,
-        entries: &[TensorEntry],
-        dtype: OutDType,
-    ) -> Result<Self, GgufError> {
+    pub(super) fn create(path: &Path, entries: &[TensorEntry], dtype: OutDType) -> Result<Self, GgufError> {
         let mut offset = 0usize;
         let mut infos = Vec::with_capacity(entries.len());
         let mut sizes = Vec::with_capacity(entries.len());
@@ -267,9 +260,7 @@ impl SafetensorsWriter {
                 )),
             });
         }
-        self.out
-            .write_all(data)
-            .map_err(io_err("write", &self.path))?;
+        self.out.write_all(data).map_err(io_err("write", &self.path))?;
         self.next += 1;
         Ok(())
     }
@@ -288,9 +279,6 @@ impl SafetensorsWriter {
             });
         }
         self.out.flush().map_err(io_err("write", &self.path))?;
-        self.out
-            .get_ref()
-            .sync_all()
-            .map_err(io_err("sync", &self.path))
+        self.out.get_ref().sync_all().map_err(io_err("sync", &self.path))
     }
 }

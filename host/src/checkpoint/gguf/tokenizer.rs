@@ -224,9 +224,7 @@ pub(super) fn build<'a>(
     let add_bos = md
         .opt_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(sentencepiece);
-    let add_eos = md
-        .opt_bool("tokenizer.ggml.add_eos_token")?
-        .unwrap_or(false);
+    let add_eos = md.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let chat_template = md.opt_string("tokenizer.chat_template")?;
     let name = |i: Option<u32>| i.map(|i| tokens[i as usize]);
 
@@ -364,10 +362,7 @@ pub(super) fn build<'a>(
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
     if let (Some(template), Some(obj)) = (chat_template, tokenizer_config.as_object_mut()) {
-        obj.insert(
-            "chat_template".to_string(),
-            Json::String(template.to_string()),
-        );
+        obj.insert("chat_template".to_string(), Json::String(template.to_string()));
     }
 
     Ok(TokenizerFiles {
@@ -422,15 +417,10 @@ fn sentencepiece_pipeline<'a>(
         .enumerate()
         .map(|(i, v)| match v {
             Value::F32(x) if !x.is_nan() => Ok(*x),
-            v => Err(md.bad(
-                key,
-                format!("entry {i} should be an f32, found {}", describe(v)),
-            )),
+            v => Err(md.bad(key, format!("entry {i} should be an f32, found {}", describe(v)))),
         })
         .collect::<Result<_, _>>()?;
-    let add_prefix = md
-        .opt_bool("tokenizer.ggml.add_space_prefix")?
-        .unwrap_or(true);
+    let add_prefix = md.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
     let (normalizer, decoder) = if add_prefix {
         (
@@ -514,14 +504,12 @@ fn token_types(md: &Metadata<'_>, n: usize) -> Result<Vec<i64>, GgufError> {
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            int_value(v)
-                .and_then(|x| i64::try_from(x).ok())
-                .ok_or_else(|| {
-                    md.bad(
-                        key,
-                        format!("entry {i} should be an integer, found {}", describe(v)),
-                    )
-                })
+            int_value(v).and_then(|x| i64::try_from(x).ok()).ok_or_else(|| {
+                md.bad(
+                    key,
+                    format!("entry {i} should be an integer, found {}", describe(v)),
+                )
+            })
         })
         .collect()
 }
