@@ -414,7 +414,7 @@ fn unpermuted_qk_reproduces_the_transformers_reference_logits() {
     for prompt in prompts {
         let (err, agree, n) = compare_with_reference(&model, prompt);
         eprintln!("{:?}: max |Δlogit| {err:.2e}, argmax {agree}/{n}", prompt["text"]);
-        assert!(err < 2e-3, "{:?}: logits differ by {err}", prompt["text"]);
+        assert!(err < 5e-4, "{:?}: logits differ by {err}", prompt["text"]);
         assert_eq!(agree, n, "{:?}: argmax", prompt["text"]);
     }
     // The same forward over the GGUF's own (permuted) q/k layout is far off: the check above

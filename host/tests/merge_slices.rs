@@ -18,7 +18,13 @@ fn passthrough_stacking_matches_mergekit_bit_exact() {
     assert_same_tensors(&out, &expected);
     let (got, want) = (config_json(&out), config_json(&expected));
     assert_eq!(got["num_hidden_layers"], 3);
-    for key in ["architectures", "num_hidden_layers", "vocab_size", "hidden_size", "dtype"] {
+    for key in [
+        "architectures",
+        "num_hidden_layers",
+        "vocab_size",
+        "hidden_size",
+        "dtype",
+    ] {
         assert_eq!(got[key], want[key], "config.json `{key}`");
     }
 }
@@ -35,11 +41,20 @@ fn passthrough_takes_embeddings_from_the_first_slice_and_the_head_from_the_last(
     merge(&config, &registry(&[]), &out);
     let (got, alien, base) = (tensors(&out), tensors(&zoo("alien")), tensors(&zoo("base")));
     assert_eq!(got.len(), 3 + 2 * 9);
-    assert_eq!(got["model.embed_tokens.weight"], alien["model.embed_tokens.weight"]);
+    assert_eq!(
+        got["model.embed_tokens.weight"],
+        alien["model.embed_tokens.weight"]
+    );
     assert_eq!(got["model.norm.weight"], base["model.norm.weight"]);
     assert_eq!(got["lm_head.weight"], base["lm_head.weight"]);
-    assert_eq!(got["model.layers.0.mlp.up_proj.weight"], alien["model.layers.1.mlp.up_proj.weight"]);
-    assert_eq!(got["model.layers.1.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]);
+    assert_eq!(
+        got["model.layers.0.mlp.up_proj.weight"],
+        alien["model.layers.1.mlp.up_proj.weight"]
+    );
+    assert_eq!(
+        got["model.layers.1.mlp.up_proj.weight"],
+        base["model.layers.0.mlp.up_proj.weight"]
+    );
     assert_eq!(config_json(&out)["num_hidden_layers"], 2);
 }
 
@@ -56,8 +71,14 @@ fn passthrough_scale_multiplies_the_copied_tensors() {
     let (got, alien) = (tensors(&out), tensors(&zoo("alien")));
     let scaled = f32_values(&got["model.layers.2.self_attn.o_proj.weight"].2);
     let source = f32_values(&alien["model.layers.1.self_attn.o_proj.weight"].2);
-    assert!(scaled.iter().zip(&source).all(|(s, x)| s.to_bits() == (x * 0.5).to_bits()));
-    assert_eq!(got["model.layers.2.self_attn.q_proj.weight"], alien["model.layers.1.self_attn.q_proj.weight"]);
+    assert!(scaled
+        .iter()
+        .zip(&source)
+        .all(|(s, x)| s.to_bits() == (x * 0.5).to_bits()));
+    assert_eq!(
+        got["model.layers.2.self_attn.q_proj.weight"],
+        alien["model.layers.1.self_attn.q_proj.weight"]
+    );
 }
 
 #[test]
@@ -66,8 +87,14 @@ fn passthrough_refuses_a_slice_with_two_sources() {
         "merge_method: passthrough\nslices:\n  - sources:\n      - model: base\n        layer_range: [0, 2]\n      - \
          model: alien\n        layer_range: [0, 2]\n",
     );
-    let msg = MergePlan::new(&config, &registry(&[])).err().expect("refused").to_string();
-    assert!(msg.contains("passthrough") && msg.contains("exactly one"), "{msg}");
+    let msg = MergePlan::new(&config, &registry(&[]))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        msg.contains("passthrough") && msg.contains("exactly one"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -77,7 +104,10 @@ fn passthrough_refuses_parameters_it_does_not_take() {
          parameters: {weight: 0.5}\n",
     );
     let err = MergePlan::new(&config, &registry(&[])).err().expect("refused");
-    assert!(matches!(&err, MergeError::UnknownParameter { name, .. } if name == "weight"), "{err}");
+    assert!(
+        matches!(&err, MergeError::UnknownParameter { name, .. } if name == "weight"),
+        "{err}"
+    );
     assert!(err.to_string().contains("scale"), "{err}");
 }
 
@@ -89,8 +119,14 @@ fn a_layer_range_past_the_model_is_refused_naming_the_slice() {
     );
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("never");
-    let msg = MergePlan::new(&config, &registry(&[])).err().expect("refused").to_string();
-    assert!(msg.contains("slices[1].sources[0]") && msg.contains("[1, 3]") && msg.contains("2 layers"), "{msg}");
+    let msg = MergePlan::new(&config, &registry(&[]))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        msg.contains("slices[1].sources[0]") && msg.contains("[1, 3]") && msg.contains("2 layers"),
+        "{msg}"
+    );
     assert!(!out.exists());
 }
 
@@ -127,16 +163,36 @@ fn different_layer_ranges_merge_layer_by_layer() {
     assert_eq!(got.len(), 3 + 9);
     // mergekit's linear in f32: acc = w0·x0; acc = fma(w1, x1, acc); acc / (w0 + w1).
     let lin = |a: &[u8], b: &[u8]| -> Vec<u32> {
-        f32_values(a).iter().zip(f32_values(b)).map(|(x, y)| (y.mul_add(0.5, 0.5 * x) / 1.0).to_bits()).collect()
+        f32_values(a)
+            .iter()
+            .zip(f32_values(b))
+            .map(|(x, y)| (y.mul_add(0.5, 0.5 * x) / 1.0).to_bits())
+            .collect()
     };
     let bits = |b: &[u8]| -> Vec<u32> { f32_values(b).iter().map(|x| x.to_bits()).collect() };
     for (out_name, base_name, alien_name) in [
-        ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
-        ("model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"),
-        ("model.embed_tokens.weight", "model.embed_tokens.weight", "model.embed_tokens.weight"),
+        (
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ),
+        (
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.input_layernorm.weight",
+        ),
+        (
+            "model.embed_tokens.weight",
+            "model.embed_tokens.weight",
+            "model.embed_tokens.weight",
+        ),
         ("lm_head.weight", "lm_head.weight", "lm_head.weight"),
     ] {
-        assert_eq!(bits(&got[out_name].2), lin(&base[base_name].2, &alien[alien_name].2), "{out_name}");
+        assert_eq!(
+            bits(&got[out_name].2),
+            lin(&base[base_name].2, &alien[alien_name].2),
+            "{out_name}"
+        );
     }
 }
 
@@ -150,15 +206,21 @@ fn gradients_are_positioned_within_their_slice() {
          weight: 0.25\n",
     );
     let plan = MergePlan::new(&config, &linear()).expect("valid plan");
-    let weight = |name: &str, source: usize| plan.params_of(name).expect("planned").1[source]["weight"].as_f64();
+    let weight =
+        |name: &str, source: usize| plan.params_of(name).expect("planned").1[source]["weight"].as_f64();
     assert_eq!(weight("model.layers.0.mlp.up_proj.weight", 1), Some(0.25));
     assert_eq!(weight("model.layers.2.mlp.up_proj.weight", 1), Some(0.0));
     assert_eq!(weight("model.layers.3.mlp.up_proj.weight", 1), Some(1.0));
     assert_eq!(weight("model.layers.3.mlp.up_proj.weight", 0), Some(0.25));
     // The head comes after the layers: the last slice's scope, gradients at position 0.
     assert_eq!(weight("lm_head.weight", 1), Some(0.0));
-    let sources = plan.sources_of("model.layers.3.mlp.up_proj.weight").expect("planned");
-    assert_eq!(sources[1], (zoo("ft1"), "model.layers.1.mlp.up_proj.weight".to_string()));
+    let sources = plan
+        .sources_of("model.layers.3.mlp.up_proj.weight")
+        .expect("planned");
+    assert_eq!(
+        sources[1],
+        (zoo("ft1"), "model.layers.1.mlp.up_proj.weight".to_string())
+    );
     assert_eq!(plan.len(), 3 + 4 * 9);
 }
 
@@ -176,7 +238,10 @@ fn slerp_gradient_matches_mergekit_within_a_few_ulp() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("slerp");
     merge(&case_config("slerp_gradient"), &reg, &out);
-    let (got, want) = (tensors(&out), tensors(&fixtures().join("expected/slerp_gradient")));
+    let (got, want) = (
+        tensors(&out),
+        tensors(&fixtures().join("expected/slerp_gradient")),
+    );
     let (base, alien) = (tensors(&zoo("base")), tensors(&zoo("alien")));
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
     let (mut to_base, mut to_alien) = (0, 0);

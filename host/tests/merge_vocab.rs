@@ -20,7 +20,8 @@ fn vocab(dir: &Path) -> HashMap<String, u32> {
 
 fn added_tokens(dir: &Path) -> serde_json::Value {
     let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).expect("tokenizer.json")).expect("json");
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).expect("tokenizer.json"))
+            .expect("json");
     json["added_tokens"].clone()
 }
 
@@ -35,6 +36,20 @@ fn union_vocabulary_matches_mergekit_bit_exact() {
     // Same token ids as mergekit's tokenizer, and the added tokens keep their settings.
     assert_eq!(vocab(&out), vocab(&expected));
     assert_eq!(added_tokens(&out), added_tokens(&expected));
+    // Without `added_tokens_decoder` to extend, tokenizer_config.json is the base's, unchanged.
+    assert_eq!(
+        std::fs::read(out.join("tokenizer_config.json")).expect("written"),
+        std::fs::read(zoo("base").join("tokenizer_config.json")).expect("base")
+    );
+    // And it tokenizes like mergekit's, added tokens included.
+    let text = "def merge(self, other):<extra_3>\n    return <extra_7>self";
+    let encode = |dir: &Path| {
+        let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("loads");
+        tok.encode(text, false).expect("encodes").get_ids().to_vec()
+    };
+    let ids = encode(&out);
+    assert!(ids.contains(&1003) && ids.contains(&1007), "{ids:?}");
+    assert_eq!(ids, encode(&expected));
 }
 
 #[test]
@@ -48,7 +63,11 @@ fn union_rows_of_tokens_only_one_model_has_are_that_models_rows() {
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
         let row = 64 * 4;
         assert_eq!(got[name].1, [1008, 64]);
-        assert_eq!(got[name].2[1000 * row..], src[name].2[1000 * row..], "{name}: rows 1000..1008");
+        assert_eq!(
+            got[name].2[1000 * row..],
+            src[name].2[1000 * row..],
+            "{name}: rows 1000..1008"
+        );
     }
 }
 
@@ -84,7 +103,9 @@ fn a_model_as_tokenizer_source_takes_its_vocabulary() {
 
 #[test]
 fn different_vocabularies_without_a_policy_are_refused_before_reading_weights() {
-    let err = MergePlan::new(&case_config("linear_vocab_mismatch"), &linear()).err().expect("refused");
+    let err = MergePlan::new(&case_config("linear_vocab_mismatch"), &linear())
+        .err()
+        .expect("refused");
     let msg = err.to_string();
     assert!(matches!(err, MergeError::Mismatch { .. }), "{msg}");
     assert!(msg.contains("embed_tokens") || msg.contains("lm_head"), "{msg}");
@@ -105,6 +126,9 @@ fn a_policy_without_tokenizer_files_is_refused_naming_the_file() {
          ft_vocab\n    parameters: {{weight: 0.5}}\ntokenizer_source: base\n",
         bare.display()
     ));
-    let msg = MergePlan::new(&config, &linear()).err().expect("refused").to_string();
+    let msg = MergePlan::new(&config, &linear())
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(msg.contains("tokenizer.json") && msg.contains("bare"), "{msg}");
 }

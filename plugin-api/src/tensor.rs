@@ -453,16 +453,22 @@ impl<'b> Tensor<'b> {
     /// The rank (1 = smallest) of `|x|` within each row of the last dimension, as F32; equal
     /// magnitudes are ranked in index order (plugin-api 1.2).
     pub fn abs_rank_last(&self) -> Result<Tensor<'b>> {
-        self.backend
-            .require(crate::__entry_end!(BackendVTable, abs_rank_last), "abs_rank_last", 2)?;
+        self.backend.require(
+            crate::__entry_end!(BackendVTable, abs_rank_last),
+            "abs_rank_last",
+            2,
+        )?;
         self.backend.wrap(call!(self, abs_rank_last, self.h))
     }
     /// 0/1 mask like `self`, element i kept with probability `self[i]`; reproducible from
     /// `(seed, stream)` whatever the thread count, and equal to [`Tensor::bernoulli_mask`] for a
     /// constant probability (plugin-api 1.2).
     pub fn bernoulli_probs(&self, seed: u64, stream: u64) -> Result<Tensor<'b>> {
-        self.backend
-            .require(crate::__entry_end!(BackendVTable, bernoulli_probs), "bernoulli_probs", 2)?;
+        self.backend.require(
+            crate::__entry_end!(BackendVTable, bernoulli_probs),
+            "bernoulli_probs",
+            2,
+        )?;
         self.backend
             .wrap(call!(self, bernoulli_probs, self.h, seed, stream))
     }

@@ -320,7 +320,7 @@ fn ctrl_c_during_a_merge_leaves_nothing_at_the_target() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = dropin_dir(tmp.path());
     let out = tmp.path().join("merged");
-    let mut child = std::process::Command::new(modelglue_e2e::mglue())
+    let child = std::process::Command::new(modelglue_e2e::mglue())
         .args([
             "--plugin-dir",
             s(&dir),

@@ -229,7 +229,11 @@ pub fn bernoulli_probs(probs: &[f32], seed: u64, stream: u64) -> Vec<f32> {
         .for_each(|(ci, (chunk, ps))| {
             let base = (ci * CHUNK) as u64;
             for (j, (o, &p)) in chunk.iter_mut().zip(ps).enumerate() {
-                *o = if uniform(seed, stream, base + j as u64) < p as f64 { 1.0 } else { 0.0 };
+                *o = if uniform(seed, stream, base + j as u64) < p as f64 {
+                    1.0
+                } else {
+                    0.0
+                };
             }
         });
     out
@@ -242,13 +246,15 @@ pub fn abs_rank_rows(values: &[f32], row: usize) -> Vec<f32> {
     if row == 0 {
         return out;
     }
-    out.par_chunks_mut(row).zip(values.par_chunks(row)).for_each(|(ranks, v)| {
-        let mut order: Vec<usize> = (0..v.len()).collect();
-        order.sort_unstable_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b)));
-        for (r, &i) in order.iter().enumerate() {
-            ranks[i] = (r + 1) as f32;
-        }
-    });
+    out.par_chunks_mut(row)
+        .zip(values.par_chunks(row))
+        .for_each(|(ranks, v)| {
+            let mut order: Vec<usize> = (0..v.len()).collect();
+            order.sort_unstable_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b)));
+            for (r, &i) in order.iter().enumerate() {
+                ranks[i] = (r + 1) as f32;
+            }
+        });
     out
 }
 
@@ -314,8 +320,14 @@ mod tests {
         let m = bernoulli_probs(&ramp, 7, 0);
         let even = m.iter().step_by(2).sum::<f32>() / 50_000.0;
         let odd = m.iter().skip(1).step_by(2).sum::<f32>() / 50_000.0;
-        assert!((even - 0.1).abs() < 0.01 && (odd - 0.9).abs() < 0.01, "{even} {odd}");
-        assert_eq!(bernoulli_probs(&[0.0, 1.0, -1.0, 2.0], 1, 1), vec![0.0, 1.0, 0.0, 1.0]);
+        assert!(
+            (even - 0.1).abs() < 0.01 && (odd - 0.9).abs() < 0.01,
+            "{even} {odd}"
+        );
+        assert_eq!(
+            bernoulli_probs(&[0.0, 1.0, -1.0, 2.0], 1, 1),
+            vec![0.0, 1.0, 0.0, 1.0]
+        );
     }
 
     #[test]

@@ -13,7 +13,10 @@ pub fn model_card(
     base: Option<&Path>,
 ) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "---\nlibrary_name: transformers\ntags:\n- modelglue\n- merge\n---");
+    let _ = writeln!(
+        s,
+        "---\nlibrary_name: transformers\ntags:\n- modelglue\n- merge\n---"
+    );
     let _ = writeln!(s, "# Merged model\n");
     let _ = writeln!(
         s,
@@ -27,7 +30,10 @@ pub fn model_card(
     for m in models {
         let _ = writeln!(s, "* `{}`", m.display());
     }
-    let _ = writeln!(s, "\n## Configuration\n\nThe exact configuration that produced this model:\n\n```yaml");
+    let _ = writeln!(
+        s,
+        "\n## Configuration\n\nThe exact configuration that produced this model:\n\n```yaml"
+    );
     let _ = writeln!(s, "{}", config.source_text.trim_end());
     let _ = writeln!(s, "```");
     s

@@ -117,9 +117,15 @@ pub(crate) fn models(
                     ),
                 });
             }
-            Ok(Input { ckpt: c, tensor: name.clone() })
+            Ok(Input {
+                ckpt: c,
+                tensor: name.clone(),
+            })
         };
-        let inputs = model_ckpt.iter().map(|&c| check(c)).collect::<Result<Vec<_>, _>>()?;
+        let inputs = model_ckpt
+            .iter()
+            .map(|&c| check(c))
+            .collect::<Result<Vec<_>, _>>()?;
         let base = base_ckpt.map(&mut check).transpose()?;
         let layer = layer_of(&name);
         tensors.push(Planned {
@@ -135,7 +141,10 @@ pub(crate) fn models(
             base_outside: None,
         });
     }
-    Ok(Layout { tensors, layers: None })
+    Ok(Layout {
+        tensors,
+        layers: None,
+    })
 }
 
 /// Tensor names of a checkpoint, by decoder layer (file order inside each), and the names
@@ -200,14 +209,25 @@ pub(crate) fn slices(
         }
     }
 
-    let base_path = |s: usize| config.slices[s].base_model.as_ref().or(config.base_model.as_ref());
-    let base_index = |s: usize| {
-        base_path(s).and_then(|b| config.slices[s].sources.iter().position(|src| &src.model == b))
+    let base_path = |s: usize| {
+        config.slices[s]
+            .base_model
+            .as_ref()
+            .or(config.base_model.as_ref())
     };
+    let base_index =
+        |s: usize| base_path(s).and_then(|b| config.slices[s].sources.iter().position(|src| &src.model == b));
     let base_outside = |s: usize| base_path(s).filter(|_| base_index(s).is_none()).cloned();
-    let sources = |s: usize| -> Vec<usize> { config.slices[s].sources.iter().map(|src| ck_index(&src.model)).collect() };
+    let sources = |s: usize| -> Vec<usize> {
+        config.slices[s]
+            .sources
+            .iter()
+            .map(|src| ck_index(&src.model))
+            .collect()
+    };
 
-    let missing = |i: usize, j: usize, c: usize, tensor: &str, has: &str| MergeError::Mismatch {
+    let missing = |i: usize, j: usize, c: usize, tensor: &str, has: &str| {
+        MergeError::Mismatch {
         model: checkpoints[c].dir().to_path_buf(),
         tensor: tensor.to_string(),
         problem: format!(
@@ -215,6 +235,7 @@ pub(crate) fn slices(
              share one architecture)",
             checkpoints[sources(i)[0]].dir().display()
         ),
+    }
     };
 
     let mut tensors = Vec::new();
@@ -227,7 +248,10 @@ pub(crate) fn slices(
                 .enumerate()
                 .map(|(j, &c)| {
                     if checkpoints[c].contains(name) {
-                        Ok(Input { ckpt: c, tensor: name.clone() })
+                        Ok(Input {
+                            ckpt: c,
+                            tensor: name.clone(),
+                        })
                     } else {
                         Err(missing(s, j, c, name, name))
                     }
@@ -240,7 +264,11 @@ pub(crate) fn slices(
                 base: bi.map(|b| inputs[b].clone()),
                 inputs,
                 base_index: bi,
-                scope: Scope::Slice { slice: s, layer: None, num_layers: config.slices[s].num_layers() },
+                scope: Scope::Slice {
+                    slice: s,
+                    layer: None,
+                    num_layers: config.slices[s].num_layers(),
+                },
                 base_outside: base_outside(s),
             });
         }
@@ -278,14 +306,21 @@ pub(crate) fn slices(
                     base: bi.map(|b| inputs[b].clone()),
                     inputs,
                     base_index: bi,
-                    scope: Scope::Slice { slice: s, layer: Some(k), num_layers: n },
+                    scope: Scope::Slice {
+                        slice: s,
+                        layer: Some(k),
+                        num_layers: n,
+                    },
                     base_outside: base_outside(s),
                 });
             }
         }
     }
     outside(config.slices.len() - 1, false, &mut tensors)?;
-    Ok(Layout { tensors, layers: Some(out_layers) })
+    Ok(Layout {
+        tensors,
+        layers: Some(out_layers),
+    })
 }
 
 #[cfg(test)]
@@ -294,8 +329,14 @@ mod tests {
 
     #[test]
     fn renaming_replaces_only_the_layer_index() {
-        assert_eq!(rename_layer("model.layers.1.mlp.up_proj.weight", 12), "model.layers.12.mlp.up_proj.weight");
-        assert_eq!(rename_layer("model.layers.10.input_layernorm.weight", 2), "model.layers.2.input_layernorm.weight");
+        assert_eq!(
+            rename_layer("model.layers.1.mlp.up_proj.weight", 12),
+            "model.layers.12.mlp.up_proj.weight"
+        );
+        assert_eq!(
+            rename_layer("model.layers.10.input_layernorm.weight", 2),
+            "model.layers.2.input_layernorm.weight"
+        );
         assert_eq!(rename_layer("model.norm.weight", 3), "model.norm.weight");
     }
 

@@ -85,7 +85,9 @@ impl Method {
     pub fn validate(&self, c: &Check<'_>) -> Result<(), MergeError> {
         let (tensor, model_params) = (c.tensor, c.model_params);
         match self {
-            Method::Plugin(p) => Ok(p.validate(tensor, c.layer, c.base_index, c.has_base, c.params, model_params)?),
+            Method::Plugin(p) => {
+                Ok(p.validate(tensor, c.layer, c.base_index, c.has_base, c.params, model_params)?)
+            }
             Method::Passthrough => {
                 if model_params.len() != 1 {
                     return Err(MergeError::Plan(format!(
@@ -95,7 +97,9 @@ impl Method {
                         c.sources.join(", ")
                     )));
                 }
-                passthrough_scale(&model_params[0]).map(|_| ()).map_err(|m| MergeError::Plan(format!("`{tensor}`: {m}")))
+                passthrough_scale(&model_params[0])
+                    .map(|_| ())
+                    .map_err(|m| MergeError::Plan(format!("`{tensor}`: {m}")))
             }
         }
     }
@@ -121,7 +125,13 @@ pub(crate) fn scale_tensor(t: &Tensor, scale: f64) -> candle_core::Result<Tensor
     }
     let shape = t.dims().to_vec();
     let s = scale as f32;
-    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|x| x * s).collect();
+    let values: Vec<f32> = t
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|x| x * s)
+        .collect();
     crate::backend::kernels::tensor_from_f32(values, &shape, dtype)
 }
 

@@ -31,9 +31,9 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use vocab::{TokenizerFiles, VocabPlan};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use vocab::{TokenizerFiles, VocabPlan};
 
 /// Default `--out-shard-size`: 5 GB, as mergekit and transformers.
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
@@ -194,7 +194,11 @@ fn widest(dtypes: &[DType]) -> DType {
     let mut out = dtypes[0];
     for &d in &dtypes[1..] {
         if d != out {
-            out = if d == DType::F64 || out == DType::F64 { DType::F64 } else { DType::F32 };
+            out = if d == DType::F64 || out == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
         }
     }
     out
@@ -227,24 +231,36 @@ fn set_config_field(config: &mut Value, key: &str, value: Value) {
 }
 
 fn config_field<'a>(config: &'a Value, key: &str) -> Option<&'a Value> {
-    config.get(key).or_else(|| config.get("text_config").and_then(|t| t.get(key)))
+    config
+        .get(key)
+        .or_else(|| config.get("text_config").and_then(|t| t.get(key)))
 }
 
 /// Every parameter name set anywhere in the config, with where it was set.
 fn parameter_scopes(config: &MergeConfig) -> BTreeSet<(String, String)> {
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-    seen.extend(config.parameters.keys().map(|k| (k.clone(), "global `parameters:`".to_string())));
+    seen.extend(
+        config
+            .parameters
+            .keys()
+            .map(|k| (k.clone(), "global `parameters:`".to_string())),
+    );
     for (i, m) in config.models.iter().enumerate() {
-        seen.extend(m.parameters.keys().map(|k| (k.clone(), format!("models[{i}] {}", m.model.display()))));
+        seen.extend(
+            m.parameters
+                .keys()
+                .map(|k| (k.clone(), format!("models[{i}] {}", m.model.display()))),
+        );
     }
     for (i, s) in config.slices.iter().enumerate() {
         seen.extend(s.parameters.keys().map(|k| (k.clone(), format!("slices[{i}]"))));
         for (j, src) in s.sources.iter().enumerate() {
-            seen.extend(
-                src.parameters
-                    .keys()
-                    .map(|k| (k.clone(), format!("slices[{i}].sources[{j}] {}", src.model.display()))),
-            );
+            seen.extend(src.parameters.keys().map(|k| {
+                (
+                    k.clone(),
+                    format!("slices[{i}].sources[{j}] {}", src.model.display()),
+                )
+            }));
         }
     }
     seen
@@ -285,7 +301,13 @@ impl MergePlan {
             .models
             .first()
             .map(|m| &m.model)
-            .or_else(|| config.slices.first().and_then(|s| s.sources.first()).map(|s| &s.model))
+            .or_else(|| {
+                config
+                    .slices
+                    .first()
+                    .and_then(|s| s.sources.first())
+                    .map(|s| &s.model)
+            })
             .map(|p| index_of[p])
             .expect("a config with models or slices references a model");
         // mergekit copies config.json from the base model, else from the first referenced model.
@@ -307,7 +329,10 @@ impl MergePlan {
             }
         }
 
-        let Layout { tensors: planned, layers: out_layers } = if config.slices.is_empty() {
+        let Layout {
+            tensors: planned,
+            layers: out_layers,
+        } = if config.slices.is_empty() {
             let model_ckpt: Vec<usize> = config.models.iter().map(|m| index_of[&m.model]).collect();
             layout::models(&checkpoints, &model_ckpt, base_ckpt, donor)?
         } else {
@@ -329,13 +354,21 @@ impl MergePlan {
         let model_keys = method.model_keys();
         for (name, scope) in parameter_scopes(config) {
             if !global_keys.contains(&name) && !model_keys.contains(&name) {
-                let mut known: Vec<&str> = global_keys.iter().chain(&model_keys).map(String::as_str).collect();
+                let mut known: Vec<&str> = global_keys
+                    .iter()
+                    .chain(&model_keys)
+                    .map(String::as_str)
+                    .collect();
                 known.sort();
                 return Err(MergeError::UnknownParameter {
                     name,
                     scope,
                     method: method.name().to_string(),
-                    known: if known.is_empty() { "no parameters".into() } else { known.join(", ") },
+                    known: if known.is_empty() {
+                        "no parameters".into()
+                    } else {
+                        known.join(", ")
+                    },
                 });
             }
         }
@@ -350,8 +383,11 @@ impl MergePlan {
             let has_base = p.base.is_some();
             let key = (params.clone(), model_params.clone(), p.base_index, has_base);
             if !validated.contains(&key) {
-                let sources: Vec<String> =
-                    p.inputs.iter().map(|i| checkpoints[i.ckpt].dir().display().to_string()).collect();
+                let sources: Vec<String> = p
+                    .inputs
+                    .iter()
+                    .map(|i| checkpoints[i.ckpt].dir().display().to_string())
+                    .collect();
                 let check = Check {
                     tensor: &p.name,
                     layer: p.layer,
@@ -373,17 +409,29 @@ impl MergePlan {
                 validated.insert(key);
             }
             let scale = match &method {
-                Method::Passthrough => method::passthrough_scale(&model_params[0]).map_err(MergeError::Plan)?,
+                Method::Passthrough => {
+                    method::passthrough_scale(&model_params[0]).map_err(MergeError::Plan)?
+                }
                 Method::Plugin(_) => None,
             };
             let dtype_of = |i: &Input| {
-                let info = checkpoints[i.ckpt].info(&i.tensor).expect("the layout checked every input exists");
+                let info = checkpoints[i.ckpt]
+                    .info(&i.tensor)
+                    .expect("the layout checked every input exists");
                 config.dtype.unwrap_or(info.dtype)
             };
             let dtypes: Vec<DType> = p.inputs.iter().map(dtype_of).collect();
             let base_dtype = p.base.as_ref().map(dtype_of);
-            let out_dtype = config.out_dtype.or(config.dtype).or(base_dtype).unwrap_or_else(|| widest(&dtypes));
-            layout.push(OutTensor { name: p.name.clone(), dtype: out_dtype, shape: shape.clone() });
+            let out_dtype = config
+                .out_dtype
+                .or(config.dtype)
+                .or(base_dtype)
+                .unwrap_or_else(|| widest(&dtypes));
+            layout.push(OutTensor {
+                name: p.name.clone(),
+                dtype: out_dtype,
+                shape: shape.clone(),
+            });
             jobs.push(TensorJob {
                 name: p.name,
                 layer: p.layer,
@@ -400,7 +448,10 @@ impl MergePlan {
         }
         let mut names = HashSet::new();
         if let Some(dup) = jobs.iter().find(|j| !names.insert(j.name.as_str())) {
-            return Err(MergeError::Plan(format!("the layout produces `{}` twice", dup.name)));
+            return Err(MergeError::Plan(format!(
+                "the layout produces `{}` twice",
+                dup.name
+            )));
         }
         Ok(MergePlan {
             method,
@@ -424,7 +475,11 @@ impl MergePlan {
         vocab: Option<&VocabPlan>,
     ) -> Result<(Vec<usize>, bool), MergeError> {
         let all: Vec<&Input> = p.inputs.iter().chain(p.base.as_ref()).collect();
-        let info = |i: &Input| checkpoints[i.ckpt].info(&i.tensor).expect("the layout checked every input exists");
+        let info = |i: &Input| {
+            checkpoints[i.ckpt]
+                .info(&i.tensor)
+                .expect("the layout checked every input exists")
+        };
         let first = info(all[0]);
         let is_vocab = vocab::is_vocab_tensor(&p.name) && first.shape.len() == 2;
         if let (true, Some(plan)) = (is_vocab, vocab) {
@@ -478,20 +533,38 @@ impl MergePlan {
     ) -> (String, Vec<String>) {
         let (mut global, per_input): (Map<String, Value>, Vec<Map<String, Value>>) = match p.scope {
             Scope::Models { layer, num_layers } => {
-                let site = TensorSite { name: &p.name, layer, num_layers };
-                let per = (0..p.inputs.len()).map(|i| config.model_params_for(i, &site, model_keys)).collect();
+                let site = TensorSite {
+                    name: &p.name,
+                    layer,
+                    num_layers,
+                };
+                let per = (0..p.inputs.len())
+                    .map(|i| config.model_params_for(i, &site, model_keys))
+                    .collect();
                 (config.global_params(&site), per)
             }
-            Scope::Slice { slice, layer, num_layers } => {
+            Scope::Slice {
+                slice,
+                layer,
+                num_layers,
+            } => {
                 // mergekit matches method-level filters against the output name and per-source
                 // ones against the source's own tensor name.
-                let site = TensorSite { name: &p.name, layer, num_layers };
+                let site = TensorSite {
+                    name: &p.name,
+                    layer,
+                    num_layers,
+                };
                 let per = p
                     .inputs
                     .iter()
                     .enumerate()
                     .map(|(j, input)| {
-                        let site = TensorSite { name: &input.tensor, layer, num_layers };
+                        let site = TensorSite {
+                            name: &input.tensor,
+                            layer,
+                            num_layers,
+                        };
                         let mut m = config.source_params(slice, j, &site);
                         m.retain(|k, _| model_keys.contains(&k.as_str()));
                         m
@@ -503,7 +576,10 @@ impl MergePlan {
         global.retain(|k, _| global_keys.contains(k));
         (
             Value::Object(global).to_string(),
-            per_input.into_iter().map(|m| Value::Object(m).to_string()).collect(),
+            per_input
+                .into_iter()
+                .map(|m| Value::Object(m).to_string())
+                .collect(),
         )
     }
 
@@ -536,7 +612,10 @@ impl MergePlan {
     /// The resolved parameters of output tensor `name`: method-level, then one object per source.
     pub fn params_of(&self, name: &str) -> Option<TensorParams> {
         let job = self.jobs.iter().find(|j| j.name == name)?;
-        Some((describe_params(&job.params), job.model_params.iter().map(|p| describe_params(p)).collect()))
+        Some((
+            describe_params(&job.params),
+            job.model_params.iter().map(|p| describe_params(p)).collect(),
+        ))
     }
 
     /// An upper bound of the memory the run holds at once: the inputs and output of the largest
@@ -581,7 +660,10 @@ impl MergePlan {
             loaded.push(t);
         }
         if job.vocab {
-            let plan = self.vocab.as_ref().expect("vocabulary jobs exist only with a vocabulary plan");
+            let plan = self
+                .vocab
+                .as_ref()
+                .expect("vocabulary jobs exist only with a vocabulary plan");
             // One participant per distinct model, in config order (base last when not listed).
             let mut parts: Vec<(usize, candle_core::Tensor)> = Vec::new();
             let mut part_of: Vec<usize> = Vec::with_capacity(all.len());
@@ -594,21 +676,33 @@ impl MergePlan {
                     }
                 }
             }
-            let base = self.base_ckpt.and_then(|b| parts.iter().position(|(c, _)| *c == b));
+            let base = self
+                .base_ckpt
+                .and_then(|b| parts.iter().position(|(c, _)| *c == b));
             let aligned = plan.align(&job.name, &parts, base)?;
             loaded = part_of.iter().map(|&p| aligned[p].clone()).collect();
         }
-        let base = job.base.as_ref().map(|_| loaded.pop().expect("the base was loaded last"));
+        let base = job
+            .base
+            .as_ref()
+            .map(|_| loaded.pop().expect("the base was loaded last"));
         Ok((loaded, base))
     }
 
-    fn to_out_dtype(&self, job: &TensorJob, t: candle_core::Tensor) -> Result<candle_core::Tensor, MergeError> {
+    fn to_out_dtype(
+        &self,
+        job: &TensorJob,
+        t: candle_core::Tensor,
+    ) -> Result<candle_core::Tensor, MergeError> {
         if t.dtype() == job.out_dtype {
             return Ok(t);
         }
         crate::backend::kernels::convert(&t, job.out_dtype)
             .unwrap_or_else(|| t.to_dtype(job.out_dtype))
-            .map_err(|e| MergeError::Backend { tensor: job.name.clone(), message: e.to_string() })
+            .map_err(|e| MergeError::Backend {
+                tensor: job.name.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Passthrough without conversion: the stored bytes, straight from the memory map.
@@ -620,17 +714,29 @@ impl MergePlan {
         let ck = &self.checkpoints[input.ckpt];
         let stored = ck.info(&input.tensor)?.dtype;
         let loaded = self.config.dtype.unwrap_or(stored);
-        (stored == job.out_dtype && loaded == stored).then(|| ck.raw_bytes(&input.tensor).ok()).flatten()
+        (stored == job.out_dtype && loaded == stored)
+            .then(|| ck.raw_bytes(&input.tensor).ok())
+            .flatten()
     }
 
-    fn merge_one(&self, backend: &CandleBackend, job: &TensorJob, seed: u64) -> Result<candle_core::Tensor, MergeError> {
+    fn merge_one(
+        &self,
+        backend: &CandleBackend,
+        job: &TensorJob,
+        seed: u64,
+    ) -> Result<candle_core::Tensor, MergeError> {
         let (models, base) = self.load_inputs(job)?;
         let out = match &self.method {
             Method::Passthrough => {
-                let t = models.into_iter().next().expect("passthrough jobs have one input (validated)");
+                let t = models
+                    .into_iter()
+                    .next()
+                    .expect("passthrough jobs have one input (validated)");
                 match job.scale {
-                    Some(s) => method::scale_tensor(&t, s)
-                        .map_err(|e| MergeError::Backend { tensor: job.name.clone(), message: e.to_string() })?,
+                    Some(s) => method::scale_tensor(&t, s).map_err(|e| MergeError::Backend {
+                        tensor: job.name.clone(),
+                        message: e.to_string(),
+                    })?,
                     None => t,
                 }
             }
@@ -652,7 +758,12 @@ impl MergePlan {
                     return Err(MergeError::Plugin(PluginError::Call {
                         plugin: plugin.info.name.clone(),
                         path: plugin.info.path.clone(),
-                        message: format!("returned shape {:?} for `{}`, expected {:?}", out.dims(), job.name, job.shape),
+                        message: format!(
+                            "returned shape {:?} for `{}`, expected {:?}",
+                            out.dims(),
+                            job.name,
+                            job.shape
+                        ),
                     }));
                 }
                 out
@@ -673,27 +784,33 @@ impl MergePlan {
             indicatif::ProgressBar::hidden()
         };
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} merging [{bar:40}] {pos}/{len} tensors {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} merging [{bar:40}] {pos}/{len} tensors {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let work = || {
-            self.jobs.par_iter().try_for_each(|job| -> Result<(), MergeError> {
-                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    return Err(MergeError::Interrupted);
-                }
-                match self.raw_copy(job) {
-                    Some(bytes) => writer.write_raw(&job.name, bytes)?,
-                    None => {
-                        let t = self.merge_one(&backend, job, opts.seed).map_err(|e| MergeError::Tensor {
-                            tensor: job.name.clone(),
-                            source: Box::new(e),
-                        })?;
-                        writer.write_tensor(&job.name, &t)?;
+            self.jobs
+                .par_iter()
+                .try_for_each(|job| -> Result<(), MergeError> {
+                    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        return Err(MergeError::Interrupted);
                     }
-                }
-                bar.inc(1);
-                Ok(())
-            })
+                    match self.raw_copy(job) {
+                        Some(bytes) => writer.write_raw(&job.name, bytes)?,
+                        None => {
+                            let t =
+                                self.merge_one(&backend, job, opts.seed)
+                                    .map_err(|e| MergeError::Tensor {
+                                        tensor: job.name.clone(),
+                                        source: Box::new(e),
+                                    })?;
+                            writer.write_tensor(&job.name, &t)?;
+                        }
+                    }
+                    bar.inc(1);
+                    Ok(())
+                })
         };
         match opts.threads {
             Some(n) => rayon::ThreadPoolBuilder::new()
@@ -711,7 +828,12 @@ impl MergePlan {
             .map(|t| (t.shape.iter().product::<usize>() * t.dtype.size_in_bytes()) as u64)
             .sum();
         let out_dir = writer.finish()?;
-        Ok(MergeReport { out_dir, tensors: self.jobs.len(), bytes, seconds: start.elapsed().as_secs_f64() })
+        Ok(MergeReport {
+            out_dir,
+            tensors: self.jobs.len(),
+            bytes,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// The merged model's config.json: the donor's, with dtype, the layer count (slices) and the
@@ -742,7 +864,9 @@ impl MergePlan {
                     .collect();
                 match types {
                     Some(t) => set_config_field(&mut config, "layer_types", Value::Array(t)),
-                    None => tracing::warn!("`layer_types` in config.json could not be rebuilt for the new layers"),
+                    None => {
+                        tracing::warn!("`layer_types` in config.json could not be rebuilt for the new layers")
+                    }
                 }
             }
         }
@@ -754,7 +878,8 @@ impl MergePlan {
 
     fn write_side_files(&self, writer: &CheckpointWriter) -> Result<(), MergeError> {
         let donor = &self.checkpoints[self.donor];
-        let text = serde_json::to_string_pretty(&self.output_config()).map_err(|e| MergeError::Plan(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&self.output_config())
+            .map_err(|e| MergeError::Plan(e.to_string()))?;
         writer.write_file("config.json", format!("{text}\n").as_bytes())?;
         let copy_from = |dir: &Path, names: &[&str]| -> Result<(), MergeError> {
             for name in names {
@@ -776,7 +901,11 @@ impl MergePlan {
             Some(files) => {
                 match files {
                     TokenizerFiles::Copy(dir) => copy_from(dir, vocab::TOKENIZER_FILES)?,
-                    TokenizerFiles::Write { dir, tokenizer_json, tokenizer_config } => {
+                    TokenizerFiles::Write {
+                        dir,
+                        tokenizer_json,
+                        tokenizer_config,
+                    } => {
                         writer.write_file("tokenizer.json", tokenizer_json.as_bytes())?;
                         if let Some(c) = tokenizer_config {
                             writer.write_file("tokenizer_config.json", c.as_bytes())?;
@@ -828,7 +957,11 @@ impl MergePlan {
 }
 
 /// Plans and runs a merge in one call.
-pub fn run_merge(config: &MergeConfig, registry: &Registry, opts: &MergeOptions) -> Result<MergeReport, MergeError> {
+pub fn run_merge(
+    config: &MergeConfig,
+    registry: &Registry,
+    opts: &MergeOptions,
+) -> Result<MergeReport, MergeError> {
     MergePlan::new(config, registry)?.run(opts, None)
 }
 

@@ -89,19 +89,25 @@ impl Vocab {
                     ids.insert(tok.to_string(), id);
                 }
             }
-            _ => {
-                return Err(tokenizer_error(
-                    &path,
-                    "has no `model.vocab`; only BPE, WordPiece, WordLevel and Unigram tokenizers can be aligned",
-                ))
-            }
+            _ => return Err(tokenizer_error(
+                &path,
+                "has no `model.vocab`; only BPE, WordPiece, WordLevel and Unigram tokenizers can be aligned",
+            )),
         }
-        for entry in json.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
+        for entry in json
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let (Some(id), Some(content)) = (
                 entry.get("id").and_then(Value::as_u64),
                 entry.get("content").and_then(Value::as_str),
             ) else {
-                return Err(tokenizer_error(&path, "an `added_tokens` entry lacks `id` or `content`"));
+                return Err(tokenizer_error(
+                    &path,
+                    "an `added_tokens` entry lacks `id` or `content`",
+                ));
             };
             ids.insert(content.to_string(), id as usize);
         }
@@ -128,7 +134,13 @@ impl Vocab {
 
     /// The `added_tokens` entries, by id.
     fn added(&self) -> impl Iterator<Item = &Value> {
-        let mut v: Vec<&Value> = self.json.get("added_tokens").and_then(Value::as_array).into_iter().flatten().collect();
+        let mut v: Vec<&Value> = self
+            .json
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
         v.sort_by_key(|e| e.get("id").and_then(Value::as_u64).unwrap_or(u64::MAX));
         v.into_iter()
     }
@@ -136,11 +148,20 @@ impl Vocab {
     /// Drops every token with an id at or above `limit`, as mergekit does for the base
     /// tokenizer (only BPE tokenizers can be stripped: their merges must go too).
     fn strip(&mut self, limit: usize) -> Result<bool, MergeError> {
-        let unused: HashSet<String> = self.ids.iter().filter(|(_, &i)| i >= limit).map(|(t, _)| t.clone()).collect();
+        let unused: HashSet<String> = self
+            .ids
+            .iter()
+            .filter(|(_, &i)| i >= limit)
+            .map(|(t, _)| t.clone())
+            .collect();
         if unused.is_empty() {
             return Ok(false);
         }
-        let kind = self.json.pointer("/model/type").and_then(Value::as_str).unwrap_or("?");
+        let kind = self
+            .json
+            .pointer("/model/type")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
         if kind != "BPE" {
             return Err(tokenizer_error(
                 &self.path,
@@ -156,7 +177,11 @@ impl Vocab {
             vocab.retain(|t, _| !unused.contains(t));
         }
         if let Some(Value::Array(added)) = self.json.get_mut("added_tokens") {
-            added.retain(|e| e.get("id").and_then(Value::as_u64).is_some_and(|i| (i as usize) < limit));
+            added.retain(|e| {
+                e.get("id")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|i| (i as usize) < limit)
+            });
         }
         if let Some(Value::Array(merges)) = self.json.pointer_mut("/model/merges") {
             merges.retain(|m| {
@@ -244,7 +269,14 @@ fn new_added_entry(id: usize, content: &str) -> Value {
 
 fn added_decoder_entry(entry: &Value) -> Value {
     let mut m = Map::new();
-    for key in ["content", "lstrip", "normalized", "rstrip", "single_word", "special"] {
+    for key in [
+        "content",
+        "lstrip",
+        "normalized",
+        "rstrip",
+        "single_word",
+        "special",
+    ] {
         if let Some(v) = entry.get(key) {
             m.insert(key.to_string(), v.clone());
         }
@@ -341,8 +373,13 @@ impl VocabPlan {
                 let mut added_names = HashSet::new();
                 for &c in &seq {
                     for e in vocabs[c].added() {
-                        let id = e.get("id").and_then(Value::as_u64).map_or(usize::MAX, |i| i as usize);
-                        let Some(content) = e.get("content").and_then(Value::as_str) else { continue };
+                        let id = e
+                            .get("id")
+                            .and_then(Value::as_u64)
+                            .map_or(usize::MAX, |i| i as usize);
+                        let Some(content) = e.get("content").and_then(Value::as_str) else {
+                            continue;
+                        };
                         if id < limits[c] && added_names.insert(content.to_string()) {
                             added.push((content.to_string(), e.clone()));
                         }
@@ -403,10 +440,20 @@ impl VocabPlan {
             .collect();
         let summary = format!(
             "tokenizer_source {policy_name}: {vocab_len} tokens{} (vocabulary base {})",
-            if rows != vocab_len { format!(", padded to {rows} rows") } else { String::new() },
+            if rows != vocab_len {
+                format!(", padded to {rows} rows")
+            } else {
+                String::new()
+            },
             base_ck.dir().display()
         );
-        Ok(VocabPlan { rows, vocab_len, perms, files, summary })
+        Ok(VocabPlan {
+            rows,
+            vocab_len,
+            perms,
+            files,
+            summary,
+        })
     }
 
     /// Whether checkpoint `ckpt`'s rows map onto the output rows as the identity.
@@ -430,7 +477,11 @@ impl VocabPlan {
         if participants.iter().all(|(c, _)| self.is_identity(*c)) {
             return participants
                 .iter()
-                .map(|(_, t)| t.narrow(0, 0, self.rows).and_then(|t| t.contiguous()).map_err(err))
+                .map(|(_, t)| {
+                    t.narrow(0, 0, self.rows)
+                        .and_then(|t| t.contiguous())
+                        .map_err(err)
+                })
                 .collect();
         }
         let (dtype, cols) = {
@@ -479,7 +530,10 @@ impl VocabPlan {
             let mut aligned = source.index_select(&idx, 0).map_err(err)?;
             if self.rows > self.vocab_len {
                 // Padding rows: the model's mean row (mergekit's vocab-expansion rule).
-                let mean = aligned.to_dtype(DType::F64).and_then(|a| a.mean_keepdim(0)).map_err(err)?;
+                let mean = aligned
+                    .to_dtype(DType::F64)
+                    .and_then(|a| a.mean_keepdim(0))
+                    .map_err(err)?;
                 let pad = mean
                     .broadcast_as((self.rows - self.vocab_len, cols))
                     .and_then(|m| m.to_dtype(dtype))
@@ -504,7 +558,12 @@ impl VocabPlan {
             return Ok(None);
         }
         let row = |p: usize, r: usize| -> candle_core::Result<Vec<f64>> {
-            participants[p].1.narrow(0, r, 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+            participants[p]
+                .1
+                .narrow(0, r, 1)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()
         };
         let mut values: Vec<f64> = Vec::with_capacity(fills.len() * cols);
         for (_, fill) in fills {
@@ -526,7 +585,11 @@ impl VocabPlan {
             }
         }
         let t = Tensor::from_vec(values, (fills.len(), cols), &Device::Cpu)?;
-        Ok(Some(if dtype == DType::F64 { t } else { t.to_dtype(DType::F32)?.to_dtype(dtype)? }))
+        Ok(Some(if dtype == DType::F64 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?.to_dtype(dtype)?
+        }))
     }
 }
 
@@ -545,19 +608,26 @@ fn write_files(dir: &Path, tokenizer_json: &Value, appended: &[Value]) -> Result
     let text = serde_json::to_string_pretty(tokenizer_json)
         .map_err(|e| tokenizer_error(&dir.join("tokenizer.json"), e.to_string()))?;
     let config_path = dir.join("tokenizer_config.json");
+    // Rewritten only when it lists added tokens (transformers 4's `added_tokens_decoder`);
+    // otherwise it is copied byte for byte (a JSON round trip would turn integers such as
+    // `model_max_length` 1e30 into floats).
     let tokenizer_config = match std::fs::read_to_string(&config_path) {
         Ok(t) => {
             let mut cfg: Value = serde_json::from_str(&t)
                 .map_err(|e| tokenizer_error(&config_path, format!("is not valid JSON: {e}")))?;
-            if let Some(Value::Object(dec)) = cfg.get_mut("added_tokens_decoder") {
-                for e in appended {
-                    if let Some(id) = e.get("id").and_then(Value::as_u64) {
-                        dec.insert(id.to_string(), added_decoder_entry(e));
+            match cfg.get_mut("added_tokens_decoder") {
+                Some(Value::Object(dec)) if !appended.is_empty() => {
+                    for e in appended {
+                        if let Some(id) = e.get("id").and_then(Value::as_u64) {
+                            dec.insert(id.to_string(), added_decoder_entry(e));
+                        }
                     }
+                    let out = serde_json::to_string_pretty(&cfg)
+                        .map_err(|e| tokenizer_error(&config_path, e.to_string()))?;
+                    Some(format!("{out}\n"))
                 }
+                _ => Some(t),
             }
-            let out = serde_json::to_string_pretty(&cfg).map_err(|e| tokenizer_error(&config_path, e.to_string()))?;
-            Some(format!("{out}\n"))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(tokenizer_error(&config_path, format!("cannot be read: {e}"))),
@@ -637,5 +707,136 @@ mod tests {
         let x = 1.0 + 2f64.powi(-8);
         assert_eq!(round_to(DType::BF16, x), 1.0);
         assert_eq!(round_to(DType::F32, x), x);
+    }
+
+    fn tensor(rows: &[[f32; 2]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        Tensor::from_vec(flat, (rows.len(), 2), &Device::Cpu).expect("tensor")
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().expect("2-D f32")
+    }
+
+    #[test]
+    fn missing_rows_take_the_single_donor_else_the_base_else_the_mean_else_zeros() {
+        // Output rows: 0 everyone; 1 only model 2; 2 models 1 and 2 (not the base, 0);
+        // 3 nobody; 4 the base and model 1.
+        let plan = VocabPlan {
+            rows: 5,
+            vocab_len: 5,
+            perms: vec![
+                vec![Some(0), None, None, None, Some(1)],
+                vec![Some(0), None, Some(1), None, Some(2)],
+                vec![Some(0), Some(1), Some(2), None, None],
+            ],
+            files: TokenizerFiles::Copy(PathBuf::new()),
+            summary: String::new(),
+        };
+        let base = tensor(&[[1.0, 1.0], [4.0, 4.0]]);
+        let m1 = tensor(&[[2.0, 2.0], [0.5, 1.0], [5.0, 5.0]]);
+        let m2 = tensor(&[[3.0, 3.0], [7.0, 8.0], [1.5, 2.0]]);
+        let parts = [(0, base), (1, m1), (2, m2)];
+        let out = plan
+            .align("model.embed_tokens.weight", &parts, Some(0))
+            .expect("aligned");
+        assert_eq!(
+            rows(&out[0]),
+            [
+                vec![1.0, 1.0],
+                vec![7.0, 8.0],
+                vec![1.0, 1.5],
+                vec![0.0, 0.0],
+                vec![4.0, 4.0]
+            ]
+        );
+        assert_eq!(
+            rows(&out[1]),
+            [
+                vec![2.0, 2.0],
+                vec![7.0, 8.0],
+                vec![0.5, 1.0],
+                vec![0.0, 0.0],
+                vec![5.0, 5.0]
+            ]
+        );
+        assert_eq!(
+            rows(&out[2]),
+            [
+                vec![3.0, 3.0],
+                vec![7.0, 8.0],
+                vec![1.5, 2.0],
+                vec![0.0, 0.0],
+                vec![4.0, 4.0]
+            ]
+        );
+    }
+
+    fn model_dir(root: &Path, name: &str, tokenizer: Value, rows: usize) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": rows});
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("tokenizer");
+        let data = vec![0u8; rows * 2 * 4];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, 2], &data)
+            .expect("view");
+        let bytes = safetensors::serialize([("model.embed_tokens.weight", view)], None).expect("serialize");
+        std::fs::write(dir.join("model.safetensors"), bytes).expect("weights");
+        dir
+    }
+
+    #[test]
+    fn union_keeps_base_ids_then_appends_new_ordinary_tokens_then_new_added_tokens() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base = model_dir(
+            tmp.path(),
+            "base",
+            serde_json::json!({
+                "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+                "added_tokens": [{"id": 2, "content": "<s>", "special": true, "normalized": false}]
+            }),
+            3,
+        );
+        let other = model_dir(
+            tmp.path(),
+            "other",
+            serde_json::json!({
+                "model": {"type": "BPE", "vocab": {"a": 0, "c": 1, "b": 2, "d": 5}, "merges": []},
+                "added_tokens": [
+                    {"id": 4, "content": "<s>", "special": true, "normalized": false},
+                    {"id": 3, "content": "<t>", "special": true, "normalized": false}
+                ]
+            }),
+            5, // "d" (id 5) is past the embedding rows: left out, as mergekit does
+        );
+        let cks = [
+            Checkpoint::open(&base).expect("base"),
+            Checkpoint::open(&other).expect("other"),
+        ];
+        let plan = VocabPlan::build(&TokenizerSource::Union, &cks, 0, &[0, 1], None).expect("union");
+        assert_eq!(plan.rows, 5);
+        // out rows: a b <s> c <t>
+        assert_eq!(plan.perms[0], [Some(0), Some(1), Some(2), None, None]);
+        assert_eq!(plan.perms[1], [Some(0), Some(2), Some(4), Some(1), Some(3)]);
+        let TokenizerFiles::Write { tokenizer_json, .. } = &plan.files else {
+            panic!("the vocabulary changed")
+        };
+        let json: Value = serde_json::from_str(tokenizer_json).expect("json");
+        let added = json["added_tokens"].as_array().expect("list");
+        assert_eq!(added[1]["content"], "c");
+        assert_eq!(
+            (&added[1]["id"], &added[1]["special"], &added[1]["normalized"]),
+            (&3.into(), &false.into(), &true.into())
+        );
+        assert_eq!(
+            (&added[2]["content"], &added[2]["id"], &added[2]["special"]),
+            (&"<t>".into(), &4.into(), &true.into())
+        );
+
+        // `base`: the base's vocabulary, the other model's rows permuted into it.
+        let plan = VocabPlan::build(&TokenizerSource::Base, &cks, 0, &[0, 1], Some(4)).expect("base");
+        assert_eq!(plan.perms[1][..3], [Some(0), Some(2), Some(4)]);
+        assert_eq!((plan.rows, plan.vocab_len), (4, 3), "padded to a multiple of 4");
     }
 }

@@ -69,8 +69,9 @@ pub fn pad_batch(
 }
 
 /// Keys and values of every layer, plus, per batch row, the position of each cached token
-/// (`None` for padding). One cache serves one batch of sequences from prefill to the last step.
-#[derive(Debug, Default)]
+/// (`None` for padding). One cache serves one batch of sequences from prefill to the last step;
+/// cloning it is cheap (tensors are shared), e.g. to score several continuations of one prompt.
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     positions: Vec<Vec<Option<u32>>>,
@@ -199,7 +200,8 @@ impl Model {
     /// The general call: runs the new tokens `ids` `[batch, new]` (with their padding `mask`, all
     /// real if `None`) after what `cache` holds, appends them to it, and returns their logits
     /// (and the residual stream if `hidden`). Each row's positions continue from its real
-    /// tokens so far, so left-padded prompts decode correctly.
+    /// tokens so far, so left-padded prompts decode correctly (padding may sit anywhere: it is
+    /// never attended to and takes no position). A cache that saw an error must be dropped.
     pub fn forward_with(
         &self,
         ids: &Tensor,
@@ -207,6 +209,11 @@ impl Model {
         cache: &mut KvCache,
         hidden: bool,
     ) -> Result<ForwardOutput, RuntimeError> {
+        if ids.rank() != 2 {
+            return Err(RuntimeError::Input {
+                reason: format!("ids must be [batch, len], got shape {:?}", ids.dims()),
+            });
+        }
         let host_ids = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         if let Some(&id) = host_ids
             .iter()
@@ -225,9 +232,9 @@ impl Model {
                         reason: format!("mask {:?} and ids {:?} differ in shape", m.dims(), ids.dims()),
                     });
                 }
-                let m = m.ne(0u8)?.to_vec2::<u8>()?;
+                let m = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 m.into_iter()
-                    .map(|r| r.into_iter().map(|v| v != 0).collect())
+                    .map(|r| r.into_iter().map(|v| v != 0.0).collect())
                     .collect()
             }
             None => host_ids.iter().map(|r| vec![true; r.len()]).collect(),

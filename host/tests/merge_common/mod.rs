@@ -40,7 +40,10 @@ fn workspace() -> PathBuf {
 /// `<target>/<profile>`: the test executable lives in `<target>/<profile>/deps/`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps/<test>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("<target>/<profile>/deps/<test>")
+        .to_path_buf()
 }
 
 /// The library of workspace plugin crate `mglue-plugin-<name>` (e.g. `"linear"`), built with
@@ -56,7 +59,8 @@ pub fn plugin_library(name: &str) -> Option<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let package = format!("mglue-plugin-{name}");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", &package]).current_dir(workspace());
+    cmd.args(["build", "--quiet", "-p", &package])
+        .current_dir(workspace());
     if profile.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
@@ -65,7 +69,10 @@ pub fn plugin_library(name: &str) -> Option<PathBuf> {
     }
     let out = cmd.output().ok()?;
     if !out.status.success() {
-        eprintln!("cargo build -p {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "cargo build -p {package} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
     lib.exists().then_some(lib)
@@ -85,7 +92,11 @@ pub fn registry(plugins: &[&str]) -> Registry {
 /// A registry with the `linear` plugin, which every test using it needs.
 pub fn linear() -> Registry {
     let reg = registry(&["linear"]);
-    assert!(reg.get("linear").is_some(), "the linear plugin did not load: {:?}", reg.problem_messages());
+    assert!(
+        reg.get("linear").is_some(),
+        "the linear plugin did not load: {:?}",
+        reg.problem_messages()
+    );
     reg
 }
 
@@ -116,20 +127,35 @@ pub fn tensors(dir: &Path) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, 
 
 /// f32 values of a tensor from [`tensors`].
 pub fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Asserts that `got` holds exactly the tensors of `want` (names, dtypes, shapes, bytes).
 pub fn assert_same_tensors(got: &Path, want: &Path) {
     let (g, w) = (tensors(got), tensors(want));
-    assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>(), "tensor names");
+    assert_eq!(
+        g.keys().collect::<Vec<_>>(),
+        w.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
     for (name, (dt, shape, bytes)) in &w {
         let (gdt, gshape, gbytes) = &g[name];
         assert_eq!((gdt, gshape), (dt, shape), "{name}: dtype/shape");
         if gbytes != bytes {
             let (a, b) = (f32_values(gbytes), f32_values(bytes));
-            let diff = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            panic!("{name}: {diff} of {} elements differ from {}", b.len(), want.display());
+            let diff = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            panic!(
+                "{name}: {diff} of {} elements differ from {}",
+                b.len(),
+                want.display()
+            );
         }
     }
 }

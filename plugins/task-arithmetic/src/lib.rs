@@ -149,6 +149,10 @@ pub struct TaskArithmeticParams {
     /// λ, the factor on the combined task vector before it is added to the base.
     #[serde(default = "one")]
     pub lambda: f64,
+    /// Accepted so that mergekit configs load; it only changed mergekit's memory use and has no
+    /// effect here.
+    #[serde(default = "no")]
+    pub int8_mask: bool,
 }
 
 /// Global parameters of `ties`.
@@ -162,6 +166,10 @@ pub struct TiesParams {
     /// λ, the factor on the combined task vector before it is added to the base.
     #[serde(default = "one")]
     pub lambda: f64,
+    /// Accepted so that mergekit configs load; it only changed mergekit's memory use and has no
+    /// effect here.
+    #[serde(default = "no")]
+    pub int8_mask: bool,
     /// Rescaling of each trimmed task vector: "l1" (keep ‖δ‖₁), "inverse_density" (divide by
     /// density) or "none"; true/false mean "l1"/"none".
     #[serde(default = "rescale_none")]
@@ -179,6 +187,10 @@ pub struct DareParams {
     /// λ, the factor on the combined task vector before it is added to the base.
     #[serde(default = "one")]
     pub lambda: f64,
+    /// Accepted so that mergekit configs load; it only changed mergekit's memory use and has no
+    /// effect here.
+    #[serde(default = "no")]
+    pub int8_mask: bool,
     /// Rescaling of each randomly pruned task vector: "l1" (multiply by ‖δ‖₁/‖δ⊙M‖₁ per tensor:
     /// mergekit ≥ 0.1.5, the default), "inverse_density" (divide by the keep probability: the
     /// DARE paper and the mergekit Model-GLUE ran) or "none"; true/false mean "l1"/"none".
@@ -197,6 +209,10 @@ pub struct BreadcrumbsParams {
     /// λ, the factor on the combined task vector before it is added to the base.
     #[serde(default = "one")]
     pub lambda: f64,
+    /// Accepted so that mergekit configs load; it only changed mergekit's memory use and has no
+    /// effect here.
+    #[serde(default = "no")]
+    pub int8_mask: bool,
     /// Rescaling of each trimmed task vector: "l1" (keep ‖δ‖₁), "inverse_density" (divide by
     /// density) or "none"; true/false mean "l1"/"none".
     #[serde(default = "rescale_none")]
@@ -214,6 +230,10 @@ pub struct DellaParams {
     /// λ, the factor on the combined task vector before it is added to the base.
     #[serde(default = "one")]
     pub lambda: f64,
+    /// Accepted so that mergekit configs load; it only changed mergekit's memory use and has no
+    /// effect here.
+    #[serde(default = "no")]
+    pub int8_mask: bool,
     /// Rescaling of each pruned task vector: "l1" (multiply by ‖δ‖₁/‖δ⊙M‖₁ per tensor, the
     /// default), "inverse_density" (divide each kept element by its keep probability, the DELLA
     /// paper) or "none"; true/false mean "l1"/"none".
@@ -326,7 +346,11 @@ trait ModelKnobs {
 
 impl GlobalKnobs for TaskArithmeticParams {
     fn globals(&self) -> Globals {
-        Globals { normalize: self.normalize, lambda: self.lambda, rescale: RescaleRule::None }
+        Globals {
+            normalize: self.normalize,
+            lambda: self.lambda,
+            rescale: RescaleRule::None,
+        }
     }
 }
 
@@ -343,22 +367,42 @@ globals_with_rescale!(TiesParams, DareParams, BreadcrumbsParams, DellaParams);
 
 impl ModelKnobs for WeightParams {
     fn knobs(&self) -> Knobs {
-        Knobs { weight: self.weight, density: 1.0, gamma: 0.0, epsilon: 0.0 }
+        Knobs {
+            weight: self.weight,
+            density: 1.0,
+            gamma: 0.0,
+            epsilon: 0.0,
+        }
     }
 }
 impl ModelKnobs for DensityParams {
     fn knobs(&self) -> Knobs {
-        Knobs { weight: self.weight, density: self.density, gamma: 0.0, epsilon: 0.0 }
+        Knobs {
+            weight: self.weight,
+            density: self.density,
+            gamma: 0.0,
+            epsilon: 0.0,
+        }
     }
 }
 impl ModelKnobs for BreadcrumbsModelParams {
     fn knobs(&self) -> Knobs {
-        Knobs { weight: self.weight, density: self.density, gamma: self.gamma, epsilon: 0.0 }
+        Knobs {
+            weight: self.weight,
+            density: self.density,
+            gamma: self.gamma,
+            epsilon: 0.0,
+        }
     }
 }
 impl ModelKnobs for DellaModelParams {
     fn knobs(&self) -> Knobs {
-        Knobs { weight: self.weight, density: self.density, gamma: 0.0, epsilon: self.epsilon }
+        Knobs {
+            weight: self.weight,
+            density: self.density,
+            gamma: 0.0,
+            epsilon: self.epsilon,
+        }
     }
 }
 
@@ -461,7 +505,10 @@ fn check(spec: &Spec, g: &Globals, models: &[Knobs], cx: &ValidateContext<'_>) -
         )));
     }
     if !g.lambda.is_finite() {
-        return Err(Error::params(format!("`lambda` of `{name}` must be a finite number (got {})", g.lambda)));
+        return Err(Error::params(format!(
+            "`lambda` of `{name}` must be a finite number (got {})",
+            g.lambda
+        )));
     }
     let mut task_vectors = 0;
     for (i, k) in models.iter().enumerate() {
@@ -475,7 +522,9 @@ fn check(spec: &Spec, g: &Globals, models: &[Knobs], cx: &ValidateContext<'_>) -
             )));
         };
         if !w.is_finite() {
-            return Err(Error::params(format!("`weight` of model #{i} of `{name}` must be finite (got {w})")));
+            return Err(Error::params(format!(
+                "`weight` of model #{i} of `{name}` must be finite (got {w})"
+            )));
         }
         if spec.sparsify == Sparsify::None {
             continue;
@@ -508,7 +557,11 @@ fn check(spec: &Spec, g: &Globals, models: &[Knobs], cx: &ValidateContext<'_>) -
         return Err(Error::params(format!(
             "`{name}` needs at least one model besides the base (got {} model(s){})",
             models.len(),
-            if cx.base_index.is_some() { ", one of them the base" } else { "" }
+            if cx.base_index.is_some() {
+                ", one of them the base"
+            } else {
+                ""
+            }
         )));
     }
     Ok(())
@@ -563,7 +616,12 @@ fn sum_models<'b>(backend: Backend<'b>, xs: &[Tensor<'b>], dtype: DType) -> Resu
 
 /// `Σᵢ wᵢ xᵢ` where every product `wᵢ xᵢ` is exact (xᵢ a 0/1 mask or wᵢ = 1), so the fused
 /// multiply-add of `weighted_sum` rounds exactly like separate ops would.
-fn weighted_models<'b>(backend: Backend<'b>, xs: &[Tensor<'b>], ws: &[f64], dtype: DType) -> Result<Tensor<'b>> {
+fn weighted_models<'b>(
+    backend: Backend<'b>,
+    xs: &[Tensor<'b>],
+    ws: &[f64],
+    dtype: DType,
+) -> Result<Tensor<'b>> {
     if dtype == DType::F64 {
         let mut acc = xs[0].scale(ws[0])?;
         for (x, &w) in xs.iter().zip(ws).skip(1) {
@@ -582,7 +640,12 @@ enum KeepProb<'b> {
 }
 
 /// δ ⊙ M, rescaled by `rule`.
-fn apply_mask<'b>(delta: &Tensor<'b>, mask: &Tensor<'b>, rule: RescaleRule, p: KeepProb<'b>) -> Result<Tensor<'b>> {
+fn apply_mask<'b>(
+    delta: &Tensor<'b>,
+    mask: &Tensor<'b>,
+    rule: RescaleRule,
+    p: KeepProb<'b>,
+) -> Result<Tensor<'b>> {
     let kept = delta.mul(mask)?;
     match rule {
         RescaleRule::None => Ok(kept),
@@ -603,7 +666,14 @@ fn apply_mask<'b>(delta: &Tensor<'b>, mask: &Tensor<'b>, rule: RescaleRule, p: K
 }
 
 /// Step 1: δ̃ = sparsify(δ).
-fn sparsify<'b>(spec: &Spec, rule: RescaleRule, delta: Tensor<'b>, k: &Knobs, seed: u64, stream: u64) -> Result<Tensor<'b>> {
+fn sparsify<'b>(
+    spec: &Spec,
+    rule: RescaleRule,
+    delta: Tensor<'b>,
+    k: &Knobs,
+    seed: u64,
+    stream: u64,
+) -> Result<Tensor<'b>> {
     let n = delta.elem_count();
     if n == 0 {
         return Ok(delta);
@@ -635,7 +705,11 @@ fn sparsify<'b>(spec: &Spec, rule: RescaleRule, delta: Tensor<'b>, k: &Knobs, se
                 return Ok(delta);
             }
             let upper = delta.topk_abs_mask(top + keep)?;
-            let mask = if top == 0 { upper } else { upper.sub(&delta.topk_abs_mask(top)?)? };
+            let mask = if top == 0 {
+                upper
+            } else {
+                upper.sub(&delta.topk_abs_mask(top)?)?
+            };
             apply_mask(&delta, &mask, rule, KeepProb::Uniform(d))
         }
         Sparsify::MagPrune => {
@@ -664,7 +738,10 @@ fn merge_tensor<'b>(
     let base = cx.require_base(spec.name)?;
     let dtype = base.dtype();
     if !dtype.is_float() {
-        return Err(Error::params(format!("`{}` merges float tensors; `{}` is {dtype:?}", spec.name, cx.tensor_name)));
+        return Err(Error::params(format!(
+            "`{}` merges float tensors; `{}` is {dtype:?}",
+            spec.name, cx.tensor_name
+        )));
     }
     let shape = base.shape();
     let mut deltas = Vec::with_capacity(models.len());
@@ -674,7 +751,10 @@ fn merge_tensor<'b>(
             continue;
         }
         let weight = k.weight.ok_or_else(|| {
-            Error::params(format!("model #{i} of `{}` has no `weight` for `{}`", spec.name, cx.tensor_name))
+            Error::params(format!(
+                "model #{i} of `{}` has no `weight` for `{}`",
+                spec.name, cx.tensor_name
+            ))
         })?;
         if tensor.shape() != shape {
             return Err(Error::params(format!(
@@ -683,27 +763,50 @@ fn merge_tensor<'b>(
                 tensor.shape()
             )));
         }
-        let tensor = if tensor.dtype() == dtype { tensor } else { tensor.to_dtype(dtype)? };
+        let tensor = if tensor.dtype() == dtype {
+            tensor
+        } else {
+            tensor.to_dtype(dtype)?
+        };
         let delta = tensor.sub(base)?;
         deltas.push(sparsify(spec, g.rescale, delta, &k, cx.seed, i as u64)?);
         weights.push(weight);
     }
     if deltas.is_empty() {
-        return Err(Error::params(format!("`{}` needs at least one model besides the base", spec.name)));
+        return Err(Error::params(format!(
+            "`{}` needs at least one model besides the base",
+            spec.name
+        )));
     }
-    mglue_plugin_api::tracing::trace!(tensor = cx.tensor_name, method = spec.name, models = deltas.len(), "merge");
+    mglue_plugin_api::tracing::trace!(
+        tensor = cx.tensor_name,
+        method = spec.name,
+        models = deltas.len(),
+        "merge"
+    );
 
-    // The weights as a tensor of the compute dtype holds them.
+    // The weights rounded to the compute dtype, as torch's weight tensor holds them.
     let w = round_to(cx.backend, &weights, dtype)?;
-    let weighted: Vec<Tensor<'b>> = deltas.iter().zip(&w).map(|(d, &w)| d.scale(w)).collect::<Result<_>>()?;
+    let weighted: Vec<Tensor<'b>> = deltas
+        .iter()
+        .zip(&w)
+        .map(|(d, &w)| d.scale(w))
+        .collect::<Result<_>>()?;
     drop(deltas);
 
     let mixed = if spec.consensus {
         let total = sum_models(cx.backend, &weighted, dtype)?;
         let zero = total.zeros_like()?;
         let majority = total.ge(&zero)?.affine(2.0, -1.0)?;
-        let agree: Vec<Tensor<'b>> = weighted.iter().map(|a| a.sign()?.eq(&majority)).collect::<Result<_>>()?;
-        let kept: Vec<Tensor<'b>> = weighted.iter().zip(&agree).map(|(a, m)| a.mul(m)).collect::<Result<_>>()?;
+        let agree: Vec<Tensor<'b>> = weighted
+            .iter()
+            .map(|a| a.sign()?.eq(&majority))
+            .collect::<Result<_>>()?;
+        let kept: Vec<Tensor<'b>> = weighted
+            .iter()
+            .zip(&agree)
+            .map(|(a, m)| a.mul(m))
+            .collect::<Result<_>>()?;
         let mixed = sum_models(cx.backend, &kept, dtype)?;
         if g.normalize {
             let divisor = weighted_models(cx.backend, &agree, &w, dtype)?;
@@ -717,14 +820,22 @@ fn merge_tensor<'b>(
         if g.normalize {
             // torch: the weight tensor summed in f32, rounded to the dtype.
             let sum = w.iter().fold(0f32, |acc, &w| acc + w as f32) as f64;
-            let sum = if dtype == DType::F64 { w.iter().sum() } else { round_to(cx.backend, &[sum], dtype)?[0] };
+            let sum = if dtype == DType::F64 {
+                w.iter().sum()
+            } else {
+                round_to(cx.backend, &[sum], dtype)?[0]
+            };
             let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
             mixed.div(&mixed.full_like(divisor)?)?
         } else {
             mixed
         }
     };
-    let mixed = if g.lambda != 1.0 { mul_scalar(&mixed, g.lambda)? } else { mixed };
+    let mixed = if g.lambda != 1.0 {
+        mul_scalar(&mixed, g.lambda)?
+    } else {
+        mixed
+    };
     base.add(&mixed)
 }
 
@@ -756,7 +867,13 @@ mod tests {
     }
 
     fn zoo() -> Zoo {
-        Zoo { base: open("zoo/base"), fts: ["zoo/ft1", "zoo/ft2", "zoo/ft3"].iter().map(|m| open(m)).collect() }
+        Zoo {
+            base: open("zoo/base"),
+            fts: ["zoo/ft1", "zoo/ft2", "zoo/ft3"]
+                .iter()
+                .map(|m| open(m))
+                .collect(),
+        }
     }
 
     fn load(ck: &Checkpoint, name: &str, dtype: Option<CDType>) -> CTensor {
@@ -768,12 +885,19 @@ mod tests {
 
     /// A per-tensor seed, as the host derives one from the run's seed and the tensor.
     fn seed_of(run_seed: u64, tensor_index: usize) -> u64 {
-        run_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (tensor_index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+        run_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (tensor_index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
     }
 
     /// Merges every tensor of the zoo as a host would (`dtype:` casting at load), using the
     /// first `model_params.len()` fine-tunes.
-    fn merge_zoo(method: &str, params: &Value, model_params: &[Value], dtype: Option<CDType>, run_seed: u64) -> Vec<(String, CTensor)> {
+    fn merge_zoo(
+        method: &str,
+        params: &Value,
+        model_params: &[Value],
+        dtype: Option<CDType>,
+        run_seed: u64,
+    ) -> Vec<(String, CTensor)> {
         let z = zoo();
         let h = harness();
         let mut names = z.base.tensor_names();
@@ -790,7 +914,15 @@ mod tests {
                     .collect();
                 let base = load(&z.base, &name, dtype);
                 let out = h
-                    .merge_named(method, &name, params, &inputs, Some(&base), None, seed_of(run_seed, ti))
+                    .merge_named(
+                        method,
+                        &name,
+                        params,
+                        &inputs,
+                        Some(&base),
+                        None,
+                        seed_of(run_seed, ti),
+                    )
                     .unwrap_or_else(|e| panic!("{method} {name}: {e}"));
                 (name, out)
             })
@@ -798,7 +930,12 @@ mod tests {
     }
 
     fn values(t: &CTensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_dtype(CDType::F32).unwrap().to_vec1::<f32>().unwrap()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(CDType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 
     /// (elements whose bits differ, max |difference|).
@@ -830,7 +967,12 @@ mod tests {
     fn assert_bit_exact(case: &str, outs: &[(String, CTensor)]) {
         let report = parity(case, outs);
         let bad: Vec<_> = report.iter().filter(|(_, n, _)| *n > 0).collect();
-        assert!(bad.is_empty(), "{case}: {} of {} tensors differ: {bad:?}", bad.len(), report.len());
+        assert!(
+            bad.is_empty(),
+            "{case}: {} of {} tensors differ: {bad:?}",
+            bad.len(),
+            report.len()
+        );
     }
 
     fn weights_of(ws: &[f64], extra: Value) -> Vec<Value> {
@@ -865,11 +1007,17 @@ mod tests {
         let z = zoo();
         let (mut any, mut changed, mut no_delta) = (0usize, 0usize, 0usize);
         let (mut l1_out, mut l1_ta, mut max_dev) = (0f64, 0f64, 0f64);
-        let (mut nz, mut kept, mut top, mut top_kept, mut bot, mut bot_kept) = (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut nz, mut kept, mut top, mut top_kept, mut bot, mut bot_kept) =
+            (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
         for (name, out) in outs {
             let base = values(&z.base.load(name).unwrap());
             let out = values(out);
-            let fts: Vec<Vec<f32>> = z.fts.iter().take(weights.len()).map(|m| values(&m.load(name).unwrap())).collect();
+            let fts: Vec<Vec<f32>> = z
+                .fts
+                .iter()
+                .take(weights.len())
+                .map(|m| values(&m.load(name).unwrap()))
+                .collect();
             let (mut t_out, mut t_ta) = (0f64, 0f64);
             for j in 0..base.len() {
                 let has = fts.iter().any(|f| f[j] != base[j]);
@@ -881,7 +1029,12 @@ mod tests {
                     no_delta += 1;
                 }
                 t_out += (out[j] as f64 - base[j] as f64).abs();
-                t_ta += fts.iter().zip(weights).map(|(f, w)| w * (f[j] as f64 - base[j] as f64)).sum::<f64>().abs();
+                t_ta += fts
+                    .iter()
+                    .zip(weights)
+                    .map(|(f, w)| w * (f[j] as f64 - base[j] as f64))
+                    .sum::<f64>()
+                    .abs();
             }
             l1_out += t_out;
             l1_ta += t_ta;
@@ -890,10 +1043,14 @@ mod tests {
             }
             let row = *z.base.load(name).unwrap().dims().last().unwrap();
             for r in 0..base.len() / row {
-                let idx: Vec<usize> = (r * row..(r + 1) * row).filter(|&j| fts[0][j] != base[j]).collect();
+                let idx: Vec<usize> = (r * row..(r + 1) * row)
+                    .filter(|&j| fts[0][j] != base[j])
+                    .collect();
                 let mut mags: Vec<f32> = idx.iter().map(|&j| (fts[0][j] - base[j]).abs()).collect();
                 mags.sort_by(f32::total_cmp);
-                let Some(&median) = mags.get(mags.len() / 2) else { continue };
+                let Some(&median) = mags.get(mags.len() / 2) else {
+                    continue;
+                };
                 for &j in &idx {
                     let ch = (out[j] != base[j]) as usize;
                     nz += 1;
@@ -923,7 +1080,13 @@ mod tests {
         let ck = open(&format!("expected/{case}"));
         let mut names = ck.tensor_names();
         names.sort();
-        names.into_iter().map(|n| { let t = ck.load(&n).unwrap(); (n, t) }).collect()
+        names
+            .into_iter()
+            .map(|n| {
+                let t = ck.load(&n).unwrap();
+                (n, t)
+            })
+            .collect()
     }
 
     fn analysis(case: &str) -> Value {
@@ -933,33 +1096,54 @@ mod tests {
     }
 
     fn close(what: &str, got: f64, want: f64, tol: f64) {
-        assert!((got - want).abs() <= tol, "{what}: {got} vs {want} (tolerance {tol})");
+        assert!(
+            (got - want).abs() <= tol,
+            "{what}: {got} vs {want} (tolerance {tol})"
+        );
     }
 
     // ---- (1) exact cases: bit-exact tensor by tensor ----------------------------------------
 
     #[test]
     fn task_arithmetic_matches_mergekit_bit_exact_on_every_fixture_tensor() {
-        let outs = merge_zoo("task_arithmetic", &json!({"lambda": 1.0}), &weights_of(&[0.5, 0.3, 0.2], json!({})), None, 42);
+        let outs = merge_zoo(
+            "task_arithmetic",
+            &json!({"lambda": 1.0}),
+            &weights_of(&[0.5, 0.3, 0.2], json!({})),
+            None,
+            42,
+        );
         assert_bit_exact("task_arithmetic", &outs);
     }
 
     #[test]
     fn ties_matches_mergekit_bit_exact_on_every_fixture_tensor() {
-        let outs = merge_zoo("ties", &json!({}), &weights_of(&[1.0; 3], json!({"density": 0.5})), None, 42);
+        let outs = merge_zoo(
+            "ties",
+            &json!({}),
+            &weights_of(&[1.0; 3], json!({"density": 0.5})),
+            None,
+            42,
+        );
         assert_bit_exact("ties", &outs);
     }
 
     #[test]
     fn breadcrumbs_matches_mergekit_bit_exact_on_every_fixture_tensor() {
         let mp = weights_of(&[0.5, 0.3, 0.2], json!({"density": 0.9, "gamma": 0.01}));
-        assert_bit_exact("breadcrumbs", &merge_zoo("breadcrumbs", &json!({}), &mp, None, 42));
+        assert_bit_exact(
+            "breadcrumbs",
+            &merge_zoo("breadcrumbs", &json!({}), &mp, None, 42),
+        );
     }
 
     #[test]
     fn dare_linear_at_density_1_matches_mergekit_bit_exact() {
         let mp = weights_of(&[0.5, 0.3, 0.2], json!({"density": 1.0}));
-        assert_bit_exact("dare_linear_d1", &merge_zoo("dare_linear", &json!({}), &mp, None, 42));
+        assert_bit_exact(
+            "dare_linear_d1",
+            &merge_zoo("dare_linear", &json!({}), &mp, None, 42),
+        );
     }
 
     /// MANIFEST: in bf16, 32 (model, tensor) pairs have |δ| ties straddling the top-k cut, which
@@ -967,9 +1151,17 @@ mod tests {
     /// changes 4068 output elements by at most 0.0107421875. Everything else must be exact.
     #[test]
     fn ties_bf16_matches_mergekit_except_where_argsort_ties_straddle_the_cut() {
-        let outs = merge_zoo("ties", &json!({}), &weights_of(&[1.0; 3], json!({"density": 0.5})), Some(CDType::BF16), 42);
+        let outs = merge_zoo(
+            "ties",
+            &json!({}),
+            &weights_of(&[1.0; 3], json!({"density": 0.5})),
+            Some(CDType::BF16),
+            42,
+        );
         let alt = &analysis("ties_bf16")["alt_tiebreak"];
-        let allowed = alt["elements_differing_with_stable_sort"].as_u64().expect("count") as usize;
+        let allowed = alt["elements_differing_with_stable_sort"]
+            .as_u64()
+            .expect("count") as usize;
         let allowed_max = alt["max_abs"].as_f64().expect("max") as f32;
         let expected = open("expected/ties_bf16");
         let z = zoo();
@@ -984,7 +1176,9 @@ mod tests {
                 .fts
                 .iter()
                 .map(|m| {
-                    let t = load(m, name, Some(CDType::BF16)).sub(&load(&z.base, name, Some(CDType::BF16))).unwrap();
+                    let t = load(m, name, Some(CDType::BF16))
+                        .sub(&load(&z.base, name, Some(CDType::BF16)))
+                        .unwrap();
                     values(&t).iter().map(|v| v.abs()).collect()
                 })
                 .collect();
@@ -1002,12 +1196,19 @@ mod tests {
                     total += 1;
                     max = max.max((got[j] - want[j]).abs());
                     let tied = deltas.iter().zip(&thresholds).any(|(d, &t)| d[j] == t);
-                    assert!(tied, "{name}[{j}]: differs ({} vs {}) without a magnitude tie at the cut", got[j], want[j]);
+                    assert!(
+                        tied,
+                        "{name}[{j}]: differs ({} vs {}) without a magnitude tie at the cut",
+                        got[j], want[j]
+                    );
                 }
             }
         }
         eprintln!("ties_bf16: {total} elements differ (allowed {allowed}), max |diff| {max}");
-        assert!(total <= allowed, "{total} differing elements, MANIFEST allows {allowed}");
+        assert!(
+            total <= allowed,
+            "{total} differing elements, MANIFEST allows {allowed}"
+        );
         assert!(max <= allowed_max, "max diff {max} > {allowed_max}");
     }
 
@@ -1018,18 +1219,36 @@ mod tests {
     fn pin_stats(case: &str, fixture: &Stats) {
         let a = analysis(case);
         if let Some(v) = a["changed_fraction_where_any_delta"].as_f64() {
-            close(&format!("{case} fixture changed fraction"), fixture.changed_where_any_delta, v, 1e-9);
+            close(
+                &format!("{case} fixture changed fraction"),
+                fixture.changed_where_any_delta,
+                v,
+                1e-9,
+            );
         }
         if let Some(v) = a["L1_merged_delta_over_L1_task_arith_delta"].as_f64() {
             close(&format!("{case} fixture L1 ratio"), fixture.l1_ratio, v, 1e-9);
         }
         if let Some(v) = a["kept_fraction_of_nonzero_delta"].as_f64() {
-            close(&format!("{case} fixture kept fraction"), fixture.kept_nonzero, v, 1e-9);
+            close(
+                &format!("{case} fixture kept fraction"),
+                fixture.kept_nonzero,
+                v,
+                1e-9,
+            );
         }
         if let Some(v) = a["max_abs_L1_ratio_minus_1"].as_f64() {
-            close(&format!("{case} fixture L1 deviation"), fixture.max_tensor_l1_dev, v, 1e-9);
+            close(
+                &format!("{case} fixture L1 deviation"),
+                fixture.max_tensor_l1_dev,
+                v,
+                1e-9,
+            );
         }
-        assert_eq!(fixture.changed_where_no_delta, 0, "{case}: fixture changes elements without a delta");
+        assert_eq!(
+            fixture.changed_where_no_delta, 0,
+            "{case}: fixture changes elements without a delta"
+        );
     }
 
     fn random_case(case: &str, method: &str, params: Value, ws: &[f64], extra: Value) -> (Stats, Stats) {
@@ -1037,56 +1256,147 @@ mod tests {
         pin_stats(case, &fixture);
         let ours = stats(&merge_zoo(method, &params, &weights_of(ws, extra), None, 42), ws);
         eprintln!("{case}\n  mergekit {fixture:?}\n  ours     {ours:?}");
-        assert_eq!(ours.changed_where_no_delta, 0, "{case}: no change where every δ is 0");
-        close(&format!("{case} changed fraction"), ours.changed_where_any_delta, fixture.changed_where_any_delta, 0.03);
-        close(&format!("{case} kept fraction"), ours.kept_nonzero, fixture.kept_nonzero, 0.03);
-        close(&format!("{case} L1 ratio"), ours.l1_ratio, fixture.l1_ratio, 0.03 * fixture.l1_ratio);
+        assert_eq!(
+            ours.changed_where_no_delta, 0,
+            "{case}: no change where every δ is 0"
+        );
+        close(
+            &format!("{case} changed fraction"),
+            ours.changed_where_any_delta,
+            fixture.changed_where_any_delta,
+            0.03,
+        );
+        close(
+            &format!("{case} kept fraction"),
+            ours.kept_nonzero,
+            fixture.kept_nonzero,
+            0.03,
+        );
+        close(
+            &format!("{case} L1 ratio"),
+            ours.l1_ratio,
+            fixture.l1_ratio,
+            0.03 * fixture.l1_ratio,
+        );
         (fixture, ours)
     }
 
     #[test]
     fn dare_linear_matches_mergekit_in_distribution() {
-        let (_, ours) = random_case("dare_linear", "dare_linear", json!({}), &[0.5, 0.3, 0.2], json!({"density": 0.5}));
-        let expected = analysis("dare_linear")["expected_changed_fraction"].as_f64().unwrap();
-        close("dare_linear changed fraction vs expectation", ours.changed_where_any_delta, expected, 0.03);
+        let (_, ours) = random_case(
+            "dare_linear",
+            "dare_linear",
+            json!({}),
+            &[0.5, 0.3, 0.2],
+            json!({"density": 0.5}),
+        );
+        let expected = analysis("dare_linear")["expected_changed_fraction"]
+            .as_f64()
+            .unwrap();
+        close(
+            "dare_linear changed fraction vs expectation",
+            ours.changed_where_any_delta,
+            expected,
+            0.03,
+        );
     }
 
     #[test]
     fn dare_ties_matches_mergekit_in_distribution() {
-        random_case("dare_ties", "dare_ties", json!({}), &[1.0; 3], json!({"density": 0.5}));
+        random_case(
+            "dare_ties",
+            "dare_ties",
+            json!({}),
+            &[1.0; 3],
+            json!({"density": 0.5}),
+        );
     }
 
     #[test]
     fn dare_linear_single_keeps_density_and_preserves_l1_per_tensor() {
-        let (_, ours) = random_case("dare_linear_single", "dare_linear", json!({}), &[1.0], json!({"density": 0.5}));
+        let (_, ours) = random_case(
+            "dare_linear_single",
+            "dare_linear",
+            json!({}),
+            &[1.0],
+            json!({"density": 0.5}),
+        );
         close("kept fraction vs density", ours.kept_nonzero, 0.5, 0.03);
-        assert!(ours.max_tensor_l1_dev < 1e-5, "L1 per tensor off by {}", ours.max_tensor_l1_dev);
+        assert!(
+            ours.max_tensor_l1_dev < 1e-5,
+            "L1 per tensor off by {}",
+            ours.max_tensor_l1_dev
+        );
     }
 
     #[test]
     fn della_matches_mergekit_in_distribution() {
-        random_case("della", "della", json!({}), &[1.0; 3], json!({"density": 0.5, "epsilon": 0.1}));
+        random_case(
+            "della",
+            "della",
+            json!({}),
+            &[1.0; 3],
+            json!({"density": 0.5, "epsilon": 0.1}),
+        );
     }
 
     #[test]
     fn della_single_keeps_large_magnitudes_more_often_and_preserves_l1() {
-        let (fixture, ours) = random_case("della_single", "della", json!({}), &[1.0], json!({"density": 0.5, "epsilon": 0.1}));
-        let expected = analysis("della_single")["expected_kept_fraction"].as_f64().unwrap();
-        close("della kept fraction vs rank expectation", ours.kept_nonzero, expected, 0.03);
-        assert!(ours.max_tensor_l1_dev < 1e-5, "L1 per tensor off by {}", ours.max_tensor_l1_dev);
+        let (fixture, ours) = random_case(
+            "della_single",
+            "della",
+            json!({}),
+            &[1.0],
+            json!({"density": 0.5, "epsilon": 0.1}),
+        );
+        let expected = analysis("della_single")["expected_kept_fraction"]
+            .as_f64()
+            .unwrap();
+        close(
+            "della kept fraction vs rank expectation",
+            ours.kept_nonzero,
+            expected,
+            0.03,
+        );
+        assert!(
+            ours.max_tensor_l1_dev < 1e-5,
+            "L1 per tensor off by {}",
+            ours.max_tensor_l1_dev
+        );
         close("top-half kept", ours.kept_top_half, fixture.kept_top_half, 0.03);
-        close("bottom-half kept", ours.kept_bottom_half, fixture.kept_bottom_half, 0.03);
+        close(
+            "bottom-half kept",
+            ours.kept_bottom_half,
+            fixture.kept_bottom_half,
+            0.03,
+        );
         assert!(ours.kept_top_half > ours.kept_bottom_half + 0.03, "{ours:?}");
     }
 
     #[test]
     fn random_methods_are_reproducible_from_the_seed() {
-        let bits = |outs: &[(String, CTensor)]| outs.iter().flat_map(|(_, t)| values(t)).map(f32::to_bits).collect::<Vec<_>>();
-        for (method, extra) in [("dare_ties", json!({"density": 0.3})), ("della_linear", json!({"density": 0.5, "epsilon": 0.2}))] {
+        let bits = |outs: &[(String, CTensor)]| {
+            outs.iter()
+                .flat_map(|(_, t)| values(t))
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        for (method, extra) in [
+            ("dare_ties", json!({"density": 0.3})),
+            ("della_linear", json!({"density": 0.5, "epsilon": 0.2})),
+        ] {
             let mp = weights_of(&[0.6, 0.4], extra);
             let a = bits(&merge_zoo(method, &json!({}), &mp, None, 42));
-            assert_eq!(a, bits(&merge_zoo(method, &json!({}), &mp, None, 42)), "{method}: same seed, same output");
-            assert_ne!(a, bits(&merge_zoo(method, &json!({}), &mp, None, 43)), "{method}: another seed, another mask");
+            assert_eq!(
+                a,
+                bits(&merge_zoo(method, &json!({}), &mp, None, 42)),
+                "{method}: same seed, same output"
+            );
+            assert_ne!(
+                a,
+                bits(&merge_zoo(method, &json!({}), &mp, None, 43)),
+                "{method}: another seed, another mask"
+            );
         }
     }
 
@@ -1095,9 +1405,22 @@ mod tests {
         let n = 200_000;
         let base = CTensor::zeros(n, CDType::F32, &Device::Cpu).unwrap();
         let ft = CTensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-        for (rescale, scale) in [("l1", None), ("inverse_density", Some(1.0 / 0.3)), ("none", Some(1.0))] {
+        for (rescale, scale) in [
+            ("l1", None),
+            ("inverse_density", Some(1.0 / 0.3)),
+            ("none", Some(1.0)),
+        ] {
             let out = harness()
-                .merge("dare_linear", &json!({"rescale": rescale}), &[ModelInput::new(ft.clone(), json!({"weight": 1.0, "density": 0.3}))], Some(&base), None)
+                .merge(
+                    "dare_linear",
+                    &json!({"rescale": rescale}),
+                    &[ModelInput::new(
+                        ft.clone(),
+                        json!({"weight": 1.0, "density": 0.3}),
+                    )],
+                    Some(&base),
+                    None,
+                )
                 .unwrap();
             let (o, f) = (values(&out), values(&ft));
             let kept = o.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
@@ -1107,7 +1430,10 @@ mod tests {
                 None => close("l1 preserved", l1(&o) / l1(&f), 1.0, 1e-5),
                 Some(s) => {
                     for (a, b) in o.iter().zip(&f) {
-                        assert!(*a == 0.0 || *a == (*b as f64 * s) as f32 || *a == *b / 0.3f32, "{rescale}: {a} from {b}");
+                        assert!(
+                            *a == 0.0 || *a == (*b as f64 * s) as f32 || *a == *b / 0.3f32,
+                            "{rescale}: {a} from {b}"
+                        );
                     }
                 }
             }
@@ -1127,11 +1453,23 @@ mod tests {
         let (ws, density, seed) = ([1.0f32, 0.7, -0.4], 0.4, 1234u64);
         let base = values(&z.base.load(name).unwrap());
         let fts: Vec<Vec<f32>> = z.fts.iter().map(|m| values(&m.load(name).unwrap())).collect();
-        let inputs: Vec<ModelInput> =
-            z.fts.iter().zip(ws).map(|(m, w)| ModelInput::new(m.load(name).unwrap(), json!({"weight": w, "density": density}))).collect();
+        let inputs: Vec<ModelInput> = z
+            .fts
+            .iter()
+            .zip(ws)
+            .map(|(m, w)| ModelInput::new(m.load(name).unwrap(), json!({"weight": w, "density": density})))
+            .collect();
         let got = values(
             &harness()
-                .merge_named("dare_ties", name, &json!({}), &inputs, Some(&z.base.load(name).unwrap()), None, seed)
+                .merge_named(
+                    "dare_ties",
+                    name,
+                    &json!({}),
+                    &inputs,
+                    Some(&z.base.load(name).unwrap()),
+                    None,
+                    seed,
+                )
                 .unwrap(),
         );
         let n = base.len();
@@ -1150,9 +1488,18 @@ mod tests {
         for j in 0..n {
             let sum = a[0][j] + a[1][j] + a[2][j];
             let majority = if sum >= 0.0 { 1.0 } else { -1.0 };
-            let mixed = a.iter().map(|a| a[j]).filter(|v| v.signum() == majority && *v != 0.0).fold(0f32, |acc, v| acc + v);
+            let mixed = a
+                .iter()
+                .map(|a| a[j])
+                .filter(|v| v.signum() == majority && *v != 0.0)
+                .fold(0f32, |acc, v| acc + v);
             let want = base[j] + mixed;
-            assert_eq!(got[j].to_bits(), want.to_bits(), "element {j}: {} vs {want}", got[j]);
+            assert_eq!(
+                got[j].to_bits(),
+                want.to_bits(),
+                "element {j}: {} vs {want}",
+                got[j]
+            );
         }
     }
 
@@ -1175,7 +1522,13 @@ mod tests {
             let mask_t = want_t.ne(&base_t).unwrap().to_dtype(CDType::F32).unwrap();
             let hs: Vec<_> = [&base_t, &ft, &mask_t].iter().map(|t| cb.share(t)).collect();
             // SAFETY: the shared handles stay live until released below.
-            let (base, ft, mask) = unsafe { (be.borrow_handle(hs[0]), be.borrow_handle(hs[1]), be.borrow_handle(hs[2])) };
+            let (base, ft, mask) = unsafe {
+                (
+                    be.borrow_handle(hs[0]),
+                    be.borrow_handle(hs[1]),
+                    be.borrow_handle(hs[2]),
+                )
+            };
             let delta = ft.sub(&base).unwrap();
             let kept = apply_mask(&delta, &mask, RescaleRule::L1, KeepProb::Uniform(0.5)).unwrap();
             let out = base.add(&kept.scale(1.0).unwrap()).unwrap();
@@ -1214,8 +1567,16 @@ mod tests {
 
     // ---- (4) schema ---------------------------------------------------------------------------
 
-    const METHODS: [&str; 8] =
-        ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"];
+    const METHODS: [&str; 8] = [
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ];
 
     fn model_params_ok(method: &str) -> Value {
         match method {
@@ -1231,7 +1592,14 @@ mod tests {
             let info = h.info(m).unwrap_or_else(|| panic!("{m} is exported"));
             assert!(!info.description.is_empty());
             for (schema, fields) in [
-                (&info.params_schema, if m == "task_arithmetic" { &["normalize", "lambda"][..] } else { &["normalize", "lambda", "rescale"][..] }),
+                (
+                    &info.params_schema,
+                    if m == "task_arithmetic" {
+                        &["normalize", "lambda", "int8_mask"][..]
+                    } else {
+                        &["normalize", "lambda", "rescale", "int8_mask"][..]
+                    },
+                ),
                 (
                     &info.model_params_schema,
                     match m {
@@ -1242,21 +1610,29 @@ mod tests {
                     },
                 ),
             ] {
-                let props = schema["properties"].as_object().unwrap_or_else(|| panic!("{m}: {schema}"));
+                let props = schema["properties"]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{m}: {schema}"));
                 let mut names: Vec<&str> = props.keys().map(String::as_str).collect();
                 names.sort();
                 let mut want = fields.to_vec();
                 want.sort();
                 assert_eq!(names, want, "{m}");
                 for f in fields {
-                    let desc = props[*f]["description"].as_str().unwrap_or_else(|| panic!("{m}.{f} is documented"));
+                    let desc = props[*f]["description"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("{m}.{f} is documented"));
                     assert!(desc.len() > 20, "{m}.{f}: {desc}");
                 }
             }
         }
         let default = |m: &str, scope: &str, f: &str| {
             let info = h.info(m).unwrap();
-            let s = if scope == "global" { info.params_schema } else { info.model_params_schema };
+            let s = if scope == "global" {
+                info.params_schema
+            } else {
+                info.model_params_schema
+            };
             s["properties"][f]["default"].clone()
         };
         assert_eq!(default("task_arithmetic", "global", "normalize"), json!(false));
@@ -1277,29 +1653,68 @@ mod tests {
     fn unknown_parameters_are_rejected_by_name() {
         let h = harness();
         for m in METHODS {
-            let err = h.validate(m, &json!({"normalise": true}), &[model_params_ok(m)], None, true).unwrap_err();
+            let err = h
+                .validate(m, &json!({"normalise": true}), &[model_params_ok(m)], None, true)
+                .unwrap_err();
             assert!(err.to_string().contains("normalise"), "{m}: {err}");
             let mut mp = model_params_ok(m);
             mp["densty"] = json!(0.5);
             let err = h.validate(m, &json!({}), &[mp], None, true).unwrap_err();
             assert!(err.to_string().contains("densty"), "{m}: {err}");
-            h.validate(m, &json!({}), &[model_params_ok(m)], None, true).unwrap_or_else(|e| panic!("{m}: {e}"));
+            h.validate(m, &json!({}), &[model_params_ok(m)], None, true)
+                .unwrap_or_else(|e| panic!("{m}: {e}"));
         }
         // Parameters of another member of the family are unknown here.
-        let err = h.validate("ties", &json!({}), &[json!({"weight": 1.0, "gamma": 0.1})], None, true).unwrap_err();
+        let err = h
+            .validate(
+                "ties",
+                &json!({}),
+                &[json!({"weight": 1.0, "gamma": 0.1})],
+                None,
+                true,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("gamma"), "{err}");
-        let err = h.validate("task_arithmetic", &json!({}), &[json!({"weight": 1.0, "density": 0.5})], None, true).unwrap_err();
+        let err = h
+            .validate(
+                "task_arithmetic",
+                &json!({}),
+                &[json!({"weight": 1.0, "density": 0.5})],
+                None,
+                true,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("density"), "{err}");
     }
 
     #[test]
     fn rescale_takes_a_rule_or_mergekits_boolean() {
         let h = harness();
-        for ok in [json!("l1"), json!("inverse_density"), json!("none"), json!(true), json!(false)] {
-            h.validate("dare_linear", &json!({"rescale": ok}), &[json!({"weight": 1.0, "density": 0.5})], None, true)
-                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        for ok in [
+            json!("l1"),
+            json!("inverse_density"),
+            json!("none"),
+            json!(true),
+            json!(false),
+        ] {
+            h.validate(
+                "dare_linear",
+                &json!({"rescale": ok}),
+                &[json!({"weight": 1.0, "density": 0.5})],
+                None,
+                true,
+            )
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        let err = h.validate("dare_linear", &json!({"rescale": "l2"}), &[json!({"weight": 1.0})], None, true).unwrap_err();
+        let err = h
+            .validate(
+                "dare_linear",
+                &json!({"rescale": "l2"}),
+                &[json!({"weight": 1.0})],
+                None,
+                true,
+            )
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("l2") && msg.contains("inverse_density"), "{msg}");
         assert_eq!(Rescale::Flag(true).rule(), RescaleRule::L1);
@@ -1317,25 +1732,77 @@ mod tests {
         };
         for m in METHODS {
             refuse(m, json!({}), vec![model_params_ok(m)], false, &["base model", m]);
-            refuse(m, json!({}), vec![json!({"density": 0.5})].into_iter().map(|mut p| {
-                if m == "task_arithmetic" { p = json!({}); }
-                if m.starts_with("della") { p["epsilon"] = json!(0.1); }
-                p
-            }).collect(), true, &["weight", "model #0"]);
+            refuse(
+                m,
+                json!({}),
+                vec![json!({"density": 0.5})]
+                    .into_iter()
+                    .map(|mut p| {
+                        if m == "task_arithmetic" {
+                            p = json!({});
+                        }
+                        if m.starts_with("della") {
+                            p["epsilon"] = json!(0.1);
+                        }
+                        p
+                    })
+                    .collect(),
+                true,
+                &["weight", "model #0"],
+            );
         }
-        for m in ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"] {
+        for m in [
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+        ] {
             for d in [0.0, -0.1, 1.5] {
-                refuse(m, json!({}), vec![json!({"weight": 1.0, "density": d})], true, &["density", "(0, 1]"]);
+                refuse(
+                    m,
+                    json!({}),
+                    vec![json!({"weight": 1.0, "density": d})],
+                    true,
+                    &["density", "(0, 1]"],
+                );
             }
         }
-        refuse("breadcrumbs", json!({}), vec![json!({"weight": 1.0, "gamma": -0.1})], true, &["gamma", "[0, 1]"]);
-        refuse("breadcrumbs_ties", json!({}), vec![json!({"weight": 1.0, "gamma": 1.5})], true, &["gamma"]);
+        refuse(
+            "breadcrumbs",
+            json!({}),
+            vec![json!({"weight": 1.0, "gamma": -0.1})],
+            true,
+            &["gamma", "[0, 1]"],
+        );
+        refuse(
+            "breadcrumbs_ties",
+            json!({}),
+            vec![json!({"weight": 1.0, "gamma": 1.5})],
+            true,
+            &["gamma"],
+        );
         for (d, e) in [(1.0, 0.15), (0.95, 0.1), (0.1, 0.1), (0.5, -0.1)] {
-            refuse("della", json!({}), vec![json!({"weight": 1.0, "density": d, "epsilon": e})], true, &["density", "epsilon"]);
+            refuse(
+                "della",
+                json!({}),
+                vec![json!({"weight": 1.0, "density": d, "epsilon": e})],
+                true,
+                &["density", "epsilon"],
+            );
         }
         // A listed base needs no weight, but somebody else must bring a task vector.
-        h.validate("ties", &json!({}), &[json!({}), json!({"weight": 1.0, "density": 0.5})], Some(0), true).unwrap();
-        let err = h.validate("ties", &json!({}), &[json!({})], Some(0), true).unwrap_err();
+        h.validate(
+            "ties",
+            &json!({}),
+            &[json!({}), json!({"weight": 1.0, "density": 0.5})],
+            Some(0),
+            true,
+        )
+        .unwrap();
+        let err = h
+            .validate("ties", &json!({}), &[json!({})], Some(0), true)
+            .unwrap_err();
         assert!(err.to_string().contains("besides the base"), "{err}");
     }
 
@@ -1346,8 +1813,15 @@ mod tests {
     }
 
     fn merge1(method: &str, params: Value, models: &[(CTensor, Value)], base: &CTensor) -> Vec<f32> {
-        let inputs: Vec<ModelInput> = models.iter().map(|(t, p)| ModelInput::new(t.clone(), p.clone())).collect();
-        values(&harness().merge(method, &params, &inputs, Some(base), None).unwrap_or_else(|e| panic!("{method}: {e}")))
+        let inputs: Vec<ModelInput> = models
+            .iter()
+            .map(|(t, p)| ModelInput::new(t.clone(), p.clone()))
+            .collect();
+        values(
+            &harness()
+                .merge(method, &params, &inputs, Some(base), None)
+                .unwrap_or_else(|e| panic!("{method}: {e}")),
+        )
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -1360,14 +1834,21 @@ mod tests {
         let name = "model.layers.1.self_attn.q_proj.weight";
         let (base, ft) = (z.base.load(name).unwrap(), z.fts[2].load(name).unwrap());
         let want = values(&(&base + (&ft - &base).unwrap()).unwrap());
-        assert_eq!(bits(&want), bits(&values(&ft)), "fixture: base + δ is the model itself");
+        assert_eq!(
+            bits(&want),
+            bits(&values(&ft)),
+            "fixture: base + δ is the model itself"
+        );
         for (m, p) in [
             ("task_arithmetic", json!({"weight": 1.0})),
             ("ties", json!({"weight": 1.0, "density": 1.0})),
             ("dare_linear", json!({"weight": 1.0, "density": 1.0})),
             ("dare_ties", json!({"weight": 1.0, "density": 1.0})),
             ("breadcrumbs", json!({"weight": 1.0, "density": 1.0})),
-            ("breadcrumbs_ties", json!({"weight": 1.0, "density": 1.0, "gamma": 0.2})),
+            (
+                "breadcrumbs_ties",
+                json!({"weight": 1.0, "density": 1.0, "gamma": 0.2}),
+            ),
         ] {
             let got = merge1(m, json!({"lambda": 1.0}), &[(ft.clone(), p)], &base);
             assert_eq!(bits(&got), bits(&want), "{m}");
@@ -1379,9 +1860,19 @@ mod tests {
         let z = zoo();
         let name = "model.embed_tokens.weight";
         let base = z.base.load(name).unwrap();
-        let models: Vec<(CTensor, Value)> = z.fts.iter().zip([0.5, -0.3, 2.0]).map(|(m, w)| (m.load(name).unwrap(), json!({"weight": w}))).collect();
+        let models: Vec<(CTensor, Value)> = z
+            .fts
+            .iter()
+            .zip([0.5, -0.3, 2.0])
+            .map(|(m, w)| (m.load(name).unwrap(), json!({"weight": w})))
+            .collect();
         for normalize in [false, true] {
-            let got = merge1("task_arithmetic", json!({"lambda": 0.0, "normalize": normalize}), &models, &base);
+            let got = merge1(
+                "task_arithmetic",
+                json!({"lambda": 0.0, "normalize": normalize}),
+                &models,
+                &base,
+            );
             assert_eq!(bits(&got), bits(&values(&base)), "normalize {normalize}");
         }
     }
@@ -1393,27 +1884,58 @@ mod tests {
         let name = "model.layers.0.mlp.down_proj.weight";
         let base = z.base.load(name).unwrap();
         let models = |extra: Value| -> Vec<(CTensor, Value)> {
-            z.fts.iter().zip([1.0, 0.5, -0.7]).map(|(m, w)| {
-                let mut p = extra.clone();
-                p["weight"] = json!(w);
-                (m.load(name).unwrap(), p)
-            }).collect()
+            z.fts
+                .iter()
+                .zip([1.0, 0.5, -0.7])
+                .map(|(m, w)| {
+                    let mut p = extra.clone();
+                    p["weight"] = json!(w);
+                    (m.load(name).unwrap(), p)
+                })
+                .collect()
         };
-        let ties = merge1("ties", json!({"normalize": true}), &models(json!({"density": 1.0})), &base);
-        for (m, extra) in [("dare_ties", json!({"density": 1.0})), ("breadcrumbs_ties", json!({"density": 1.0, "gamma": 0.3}))] {
-            assert_eq!(bits(&merge1(m, json!({"normalize": true}), &models(extra), &base)), bits(&ties), "{m}");
+        let ties = merge1(
+            "ties",
+            json!({"normalize": true}),
+            &models(json!({"density": 1.0})),
+            &base,
+        );
+        for (m, extra) in [
+            ("dare_ties", json!({"density": 1.0})),
+            ("breadcrumbs_ties", json!({"density": 1.0, "gamma": 0.3})),
+        ] {
+            assert_eq!(
+                bits(&merge1(m, json!({"normalize": true}), &models(extra), &base)),
+                bits(&ties),
+                "{m}"
+            );
         }
         // And the consensus-only merge by hand, in f32 as documented.
         let b = values(&base);
-        let a: Vec<Vec<f32>> = z.fts.iter().zip([1.0f32, 0.5, -0.7]).map(|(m, w)| {
-            values(&m.load(name).unwrap()).iter().zip(&b).map(|(x, b)| (x - b) * w).collect()
-        }).collect();
+        let a: Vec<Vec<f32>> = z
+            .fts
+            .iter()
+            .zip([1.0f32, 0.5, -0.7])
+            .map(|(m, w)| {
+                values(&m.load(name).unwrap())
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, b)| (x - b) * w)
+                    .collect()
+            })
+            .collect();
         for j in 0..b.len() {
             let s = a[0][j] + a[1][j] + a[2][j];
             let maj = if s >= 0.0 { 1.0 } else { -1.0 };
             let agree: Vec<bool> = a.iter().map(|a| a[j] != 0.0 && a[j].signum() == maj).collect();
-            let mixed = a.iter().zip(&agree).fold(0f32, |acc, (a, &g)| if g { acc + a[j] } else { acc + 0.0 });
-            let div = [1.0f32, 0.5, -0.7].iter().zip(&agree).fold(0f32, |acc, (w, &g)| if g { acc + w } else { acc });
+            let mixed = a
+                .iter()
+                .zip(&agree)
+                .fold(0f32, |acc, (a, &g)| if g { acc + a[j] } else { acc + 0.0 });
+            let div = [1.0f32, 0.5, -0.7]
+                .iter()
+                .zip(&agree)
+                .fold(0f32, |acc, (w, &g)| if g { acc + w } else { acc });
             let div = if div == 0.0 { 1.0 } else { div };
             assert_eq!(ties[j].to_bits(), (b[j] + mixed / div).to_bits(), "element {j}");
         }
@@ -1425,10 +1947,16 @@ mod tests {
         let up = (tensor(&[2.0, 1.5, 0.0]), json!({"weight": 1.0}));
         let down = (tensor(&[0.0, 0.5, 2.0]), json!({"weight": 1.0}));
         // δ = [+1, +.5, −1] and [−1, −.5, +1]: every sum is 0 → the positive side wins.
-        assert_eq!(merge1("ties", json!({}), &[up.clone(), down.clone()], &base), vec![2.0, 1.5, 2.0]);
+        assert_eq!(
+            merge1("ties", json!({}), &[up.clone(), down.clone()], &base),
+            vec![2.0, 1.5, 2.0]
+        );
         // A negative weight flips a task vector's vote: the two now agree everywhere.
         let flipped = (tensor(&[0.0, 0.5, 2.0]), json!({"weight": -1.0}));
-        assert_eq!(merge1("ties", json!({"normalize": false}), &[up, flipped], &base), vec![3.0, 2.0, -1.0]);
+        assert_eq!(
+            merge1("ties", json!({"normalize": false}), &[up, flipped], &base),
+            vec![3.0, 2.0, -1.0]
+        );
     }
 
     #[test]
@@ -1436,18 +1964,43 @@ mod tests {
         // 10 elements, gamma 0.01 → n_top = 0: mergekit's `[n_bot:-0]` slice keeps nothing.
         let base = tensor(&[0.0; 10]);
         let ft = tensor(&[1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0, -10.0]);
-        let got = merge1("breadcrumbs", json!({}), &[(ft.clone(), json!({"weight": 1.0, "density": 0.5}))], &base);
+        let got = merge1(
+            "breadcrumbs",
+            json!({}),
+            &[(ft.clone(), json!({"weight": 1.0, "density": 0.5}))],
+            &base,
+        );
         assert_eq!(got, vec![0.0, 0.0, 0.0, 0.0, 0.0, -6.0, 7.0, -8.0, 9.0, -10.0]);
         // gamma 0.2 drops the two largest and keeps the next five.
-        let got = merge1("breadcrumbs", json!({}), &[(ft.clone(), json!({"weight": 1.0, "density": 0.5, "gamma": 0.2}))], &base);
+        let got = merge1(
+            "breadcrumbs",
+            json!({}),
+            &[(ft.clone(), json!({"weight": 1.0, "density": 0.5, "gamma": 0.2}))],
+            &base,
+        );
         assert_eq!(got, vec![0.0, 0.0, 0.0, -4.0, 5.0, -6.0, 7.0, -8.0, 0.0, 0.0]);
         // gamma 0 with the _ties variant is exactly ties.
         let z = zoo();
         let name = "model.layers.1.mlp.gate_proj.weight";
         let b = z.base.load(name).unwrap();
-        let ms: Vec<(CTensor, Value)> = z.fts.iter().map(|m| (m.load(name).unwrap(), json!({"weight": 1.0, "density": 0.3, "gamma": 0.0}))).collect();
-        let ties_ms: Vec<(CTensor, Value)> = ms.iter().map(|(t, _)| (t.clone(), json!({"weight": 1.0, "density": 0.3}))).collect();
-        assert_eq!(bits(&merge1("breadcrumbs_ties", json!({"normalize": true}), &ms, &b)), bits(&merge1("ties", json!({}), &ties_ms, &b)));
+        let ms: Vec<(CTensor, Value)> = z
+            .fts
+            .iter()
+            .map(|m| {
+                (
+                    m.load(name).unwrap(),
+                    json!({"weight": 1.0, "density": 0.3, "gamma": 0.0}),
+                )
+            })
+            .collect();
+        let ties_ms: Vec<(CTensor, Value)> = ms
+            .iter()
+            .map(|(t, _)| (t.clone(), json!({"weight": 1.0, "density": 0.3})))
+            .collect();
+        assert_eq!(
+            bits(&merge1("breadcrumbs_ties", json!({"normalize": true}), &ms, &b)),
+            bits(&merge1("ties", json!({}), &ties_ms, &b))
+        );
     }
 
     #[test]
@@ -1455,9 +2008,19 @@ mod tests {
         let n = 50_000;
         let base = CTensor::zeros((n, 1), CDType::F32, &Device::Cpu).unwrap();
         let ft = CTensor::randn(0f32, 1.0, (n, 1), &Device::Cpu).unwrap();
-        let got = merge1("della_linear", json!({"rescale": "none"}), &[(ft, json!({"weight": 1.0, "density": 0.3, "epsilon": 0.2}))], &base);
+        let got = merge1(
+            "della_linear",
+            json!({"rescale": "none"}),
+            &[(ft, json!({"weight": 1.0, "density": 0.3, "epsilon": 0.2}))],
+            &base,
+        );
         assert!(got.iter().all(|v| v.is_finite()));
-        close("kept fraction", got.iter().filter(|v| **v != 0.0).count() as f64 / n as f64, 0.3, 0.01);
+        close(
+            "kept fraction",
+            got.iter().filter(|v| **v != 0.0).count() as f64 / n as f64,
+            0.3,
+            0.01,
+        );
     }
 
     #[test]
@@ -1468,15 +2031,32 @@ mod tests {
         let data: Vec<f32> = (0..rows).flat_map(|_| row.clone()).collect();
         let ft = CTensor::from_vec(data, (rows, 5), &Device::Cpu).unwrap();
         let base = ft.zeros_like().unwrap();
-        let got = merge1("della_linear", json!({"rescale": "inverse_density"}), &[(ft, json!({"weight": 1.0, "density": 0.5, "epsilon": 0.3}))], &base);
+        let got = merge1(
+            "della_linear",
+            json!({"rescale": "inverse_density"}),
+            &[(ft, json!({"weight": 1.0, "density": 0.5, "epsilon": 0.3}))],
+            &base,
+        );
         let rank_of = [1usize, 5, 2, 4, 3];
         for (col, &rank) in rank_of.iter().enumerate() {
             let p = 0.2 + 0.15 * (rank - 1) as f64;
-            let kept: Vec<f32> = (0..rows).map(|r| got[r * 5 + col]).filter(|v| *v != 0.0).collect();
-            close(&format!("column {col} (rank {rank})"), kept.len() as f64 / rows as f64, p, 0.015);
+            let kept: Vec<f32> = (0..rows)
+                .map(|r| got[r * 5 + col])
+                .filter(|v| *v != 0.0)
+                .collect();
+            close(
+                &format!("column {col} (rank {rank})"),
+                kept.len() as f64 / rows as f64,
+                p,
+                0.015,
+            );
             // inverse_density divides each kept element by its own probability.
             let want = row[col] / (p as f32);
-            assert!(kept.iter().all(|v| (v - want).abs() <= 1e-6 * want.abs()), "column {col}: {} vs {want}", kept[0]);
+            assert!(
+                kept.iter().all(|v| (v - want).abs() <= 1e-6 * want.abs()),
+                "column {col}: {} vs {want}",
+                kept[0]
+            );
         }
     }
 
@@ -1487,9 +2067,26 @@ mod tests {
         let (base, ft) = (z.base.load(name).unwrap(), z.fts[0].load(name).unwrap());
         let h = harness();
         let listed = h
-            .merge("ties", &json!({}), &[ModelInput::new(base.clone(), json!({})), ModelInput::new(ft.clone(), json!({"weight": 0.8, "density": 0.5}))], Some(&base), Some(0))
+            .merge(
+                "ties",
+                &json!({}),
+                &[
+                    ModelInput::new(base.clone(), json!({})),
+                    ModelInput::new(ft.clone(), json!({"weight": 0.8, "density": 0.5})),
+                ],
+                Some(&base),
+                Some(0),
+            )
             .unwrap();
-        let alone = h.merge("ties", &json!({}), &[ModelInput::new(ft, json!({"weight": 0.8, "density": 0.5}))], Some(&base), None).unwrap();
+        let alone = h
+            .merge(
+                "ties",
+                &json!({}),
+                &[ModelInput::new(ft, json!({"weight": 0.8, "density": 0.5}))],
+                Some(&base),
+                None,
+            )
+            .unwrap();
         assert_eq!(bits(&values(&listed)), bits(&values(&alone)));
     }
 
@@ -1497,7 +2094,15 @@ mod tests {
     fn bf16_inputs_compute_and_return_bf16_with_models_cast_to_the_base_dtype() {
         let base = tensor(&[1.0, 2.0, 3.0]).to_dtype(CDType::BF16).unwrap();
         let ft = tensor(&[1.5, 2.0, 2.0]);
-        let out = harness().merge("task_arithmetic", &json!({"lambda": 0.3}), &[ModelInput::new(ft, json!({"weight": 1.0}))], Some(&base), None).unwrap();
+        let out = harness()
+            .merge(
+                "task_arithmetic",
+                &json!({"lambda": 0.3}),
+                &[ModelInput::new(ft, json!({"weight": 1.0}))],
+                Some(&base),
+                None,
+            )
+            .unwrap();
         assert_eq!(out.dtype(), CDType::BF16);
         // δ = [0.5, 0, −1]; λδ rounds to bf16 (0.15 → 0.150390625), then base + λδ rounds again.
         assert_eq!(values(&out), vec![1.1484375, 2.0, 2.703125]);
