@@ -140,6 +140,16 @@ def run_bench(args):
     print(f"machine: {results['machine']}", file=sys.stderr)
     print(f"mglue plugins: {sorted(plugins)}", file=sys.stderr)
 
+    # Start-up cost alone (interpreter + imports / plugin loading), a part of every merge's wall time.
+    results["startup"] = {"mglue": [], "mergekit": []}
+    for _ in range(3):
+        for tool, cmd in (("mglue", [args.mglue, "plugins", "list"]),
+                          ("mergekit", [os.path.join(os.path.dirname(args.python), "mergekit-yaml"), "--help"])):
+            r = measure(cmd, log=os.path.join(work, "logs", f"startup-{tool}.log"), env=env)
+            r["ok"] = r["rc"] == 0
+            results["startup"][tool].append(r)
+    print("startup: " + ", ".join(f"{k} {med(v, 'wall_s'):.2f}s" for k, v in results["startup"].items()), file=sys.stderr)
+
     todo = []
     for method, plugin, yaml, inputs, donor in method_configs(zoo):
         if args.methods and method not in args.methods:
@@ -295,6 +305,11 @@ def write_markdown(results, path):
                    f"| {fmt_mb(med(R['mglue'], 'peak_anon_kb_sampled')) if not na else '—'} "
                    f"| {fmt_x(rr, 2) + (verdict(rr <= rt) if rr and rt else '')} | {'≤ 0.33×' if rt else '—'} "
                    f"| {fmt_mb(med(R['floor'], 'max_rss_kb'))} |")
+    st = results.get("startup")
+    if st:
+        lines.append(f"| *start-up only* (`mglue plugins list` / `mergekit-yaml --help`) | {fmt_s(med(st['mergekit'], 'wall_s'))} "
+                     f"| {fmt_s(med(st['mglue'], 'wall_s'))} | | | {fmt_s(med(st['mergekit'], 'cpu_s'))} "
+                     f"| {fmt_s(med(st['mglue'], 'cpu_s'))} | | | | |")
     lines.append("")
     lines.append("Peak resident memory (kernel's max RSS of the process; it counts the pages of memory-mapped inputs "
                  "the process has touched, which the kernel can drop at will; *anon* is the sampled peak of heap / "

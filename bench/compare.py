@@ -80,7 +80,7 @@ def main():
         "dtypes": sorted(dtypes),
         "mismatched_tensors": only,
     }
-    r["summary"] = (f"{r['identical_fraction']:.4%} of {n / 1e6:.0f}M elements bit-identical; max |Δ| {max_abs:.3g} "
+    r["summary"] = (f"{r['identical_fraction']:.4%} of {n / 1e6:.0f}M elements bit-identical; max abs diff {max_abs:.3g} "
                     f"({max_ulp} ulp); rel. L2 error {rel:.2e}; dtypes {', '.join(sorted(dtypes))}"
                     + (f"; {len(only)} tensors differ in name/shape" if only else ""))
     print(json.dumps(r, indent=2) if args.json else r["summary"])
