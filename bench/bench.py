@@ -107,6 +107,13 @@ def machine_info(args):
     dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     if dirty:
         info["mglue_commit"] += " (+ uncommitted changes)"
+    build_info = os.path.join(os.path.dirname(args.mglue), "BUILD_INFO")
+    if os.path.exists(build_info):
+        with open(build_info) as f:
+            lines = f.read().splitlines()
+        info["mglue_commit"] = next((x.split(": ", 1)[1] for x in lines if x.startswith("commit: ")), info["mglue_commit"])
+        info["mglue_built"] = next((x.split(": ", 1)[1] for x in lines if x.startswith("built: ")), "?")
+        info["mglue_binaries"] = [x for x in lines if ":" not in x]
     info["mglue_version"] = sh([args.mglue, "--version"]).stdout.strip()
     py = args.python
     r = sh([py, "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), "
@@ -256,7 +263,7 @@ def write_markdown(results, path):
     lines.append(f"Run **{m['date']}** · `{results['command']}`  ")
     lines.append(f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}; "
                  f"load average before {results.get('load_before', '?')}, after {results.get('load_after', 'running')}  ")
-    lines.append(f"mglue {m['mglue_version']} at {m['mglue_commit']}, {m['rustc']}; "
+    lines.append(f"{m['mglue_version']} built {m.get('mglue_built', '?')} from {m['mglue_commit']}, {m['rustc']}; "
                  f"mergekit {m['mergekit']}, torch {m['torch']} (CPU), transformers {m['transformers']}, "
                  f"Python {m['python']}  ")
     lines.append(f"Zoo: {len(z['models'])} float16 Llama models of {z['parameters'] / 1e6:.0f}M parameters "

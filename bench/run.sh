@@ -54,6 +54,12 @@ fi
 mkdir -p bench/zoo/bin
 rm -f bench/zoo/bin/mglue bench/zoo/bin/libmglue_plugin_*.so
 cp target/release/mglue target/release/libmglue_plugin_*.so bench/zoo/bin/
+# What was built: the commit (and whether the tree had uncommitted changes) and the binaries' hashes.
+{
+    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench' 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "built: $(date -u -r target/release/mglue '+%Y-%m-%d %H:%M UTC')"
+    (cd bench/zoo/bin && sha256sum mglue libmglue_plugin_*.so | cut -c1-12,65-)
+} > bench/zoo/bin/BUILD_INFO
 
 if [ ! -x bench/venv/bin/mergekit-yaml ]; then
     step "installing mergekit 0.1.5 into bench/venv (PyPI; torch comes as its dependency)"

@@ -44,6 +44,10 @@ enum Command {
     Plugins(PluginsCommand),
     /// Convert a GGUF file into a Hugging Face safetensors directory.
     Convert(ConvertArgs),
+    /// Generate text with a model (greedy or sampled; chat template when the model has one).
+    Generate(GenerateArgs),
+    /// Per-token log-probabilities and perplexity of a text under a model.
+    Score(ScoreArgs),
     /// Run the demo: build two small models, merge them with the `linear` plugin, compare.
     Demo(DemoArgs),
 }
@@ -126,6 +130,47 @@ struct ConvertArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The model directory (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Use the prompt as is, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// The model directory (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to score.
+    #[arg(long)]
+    text: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -395,6 +440,119 @@ fn cmd_convert(a: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+struct LoadedModel {
+    model: modelglue::runtime::Model,
+    tokenizer: tokenizers::Tokenizer,
+    tokenizer_config: serde_json::Value,
+    config: serde_json::Value,
+}
+
+fn load_model(dir: &std::path::Path) -> Result<LoadedModel> {
+    let ckpt = modelglue::checkpoint::Checkpoint::open(dir)?;
+    let model = modelglue::runtime::Model::load(&ckpt)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+    let tokenizer_config = std::fs::read(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Ok(LoadedModel { model, tokenizer, tokenizer_config, config: ckpt.config().clone() })
+}
+
+fn token_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Renders the model's chat template (tokenizer_config.json `chat_template`) for one user turn.
+fn chat_prompt(tc: &serde_json::Value, user: &str) -> Result<Option<String>> {
+    let Some(template) = tc.get("chat_template").and_then(|t| t.as_str()) else {
+        return Ok(None);
+    };
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_template("chat", template).context("the model's chat_template does not parse")?;
+    let bos = tc.get("bos_token").and_then(token_text).unwrap_or_default();
+    let eos = tc.get("eos_token").and_then(token_text).unwrap_or_default();
+    let text = env
+        .get_template("chat")?
+        .render(minijinja::context! {
+            messages => vec![minijinja::context! { role => "user", content => user }],
+            add_generation_prompt => true,
+            bos_token => bos,
+            eos_token => eos,
+        })
+        .context("rendering the model's chat_template")?;
+    Ok(Some(text))
+}
+
+fn eos_ids(m: &LoadedModel) -> Vec<u32> {
+    let mut ids = Vec::new();
+    match m.config.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
+        Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+        _ => {}
+    }
+    if let Some(id) = m.tokenizer_config.get("eos_token").and_then(token_text).and_then(|t| m.tokenizer.token_to_id(&t)) {
+        ids.push(id);
+    }
+    ids
+}
+
+fn cmd_generate(a: &GenerateArgs) -> Result<()> {
+    let m = load_model(&a.model)?;
+    let prompt = if a.raw { None } else { chat_prompt(&m.tokenizer_config, &a.prompt)? };
+    let (text, special) = match &prompt {
+        Some(p) => (p.as_str(), false),
+        None => (a.prompt.as_str(), true),
+    };
+    let enc = m.tokenizer.encode(text, special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let opts = modelglue::runtime::GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: a.stop.clone(),
+        eos: eos_ids(&m),
+    };
+    let tok = &m.tokenizer;
+    let g = modelglue::runtime::generate(&m.model, enc.get_ids(), &opts, |ids| tok.decode(ids, true).unwrap_or_default())?;
+    println!("{}", g.text);
+    Ok(())
+}
+
+fn cmd_score(a: &ScoreArgs) -> Result<()> {
+    let m = load_model(&a.model)?;
+    let enc = m.tokenizer.encode(a.text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?;
+    let ids = enc.get_ids();
+    if ids.len() < 2 {
+        bail!("the text is {} token(s) long; scoring needs at least 2", ids.len());
+    }
+    let lp = m.model.log_likelihood(ids)?;
+    let mean = lp.iter().sum::<f64>() / lp.len() as f64;
+    let ppl = (-mean).exp();
+    if a.json {
+        let tokens: Vec<_> = ids[1..]
+            .iter()
+            .zip(&lp)
+            .map(|(id, l)| serde_json::json!({"id": id, "token": m.tokenizer.id_to_token(*id), "logprob": l}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tokens": tokens, "mean_logprob": mean, "perplexity": ppl}))?);
+    } else {
+        println!("{:>8}  {:>10}  TOKEN", "ID", "LOGPROB");
+        for (id, l) in ids[1..].iter().zip(&lp) {
+            println!("{id:>8}  {l:>10.4}  {:?}", m.tokenizer.id_to_token(*id).unwrap_or_default());
+        }
+        println!("\nmean log-prob {mean:.4} over {} tokens; perplexity {ppl:.3}", lp.len());
+    }
+    Ok(())
+}
+
 fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
     let reg = registry(cli)?;
     let table = modelglue::demo::run(&reg, &a.out)?;
@@ -410,6 +568,8 @@ pub fn main() -> i32 {
         Command::Merge(a) => cmd_merge(&cli, a),
         Command::Plugins(c) => cmd_plugins(&cli, c),
         Command::Convert(a) => cmd_convert(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Score(a) => cmd_score(a),
         Command::Demo(a) => cmd_demo(&cli, a),
     };
     match result {

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod eval;
 pub mod merge;
 pub mod plugins;
 pub mod runtime;

@@ -122,7 +122,6 @@ pub fn weighted_sum(
     }
     let w: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
     let d = divisor as f32;
-    let mut out = vec![0f32; n];
     // Borrow every input's storage once; bail out (None) if any is not a CPU float tensor.
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut views = Vec::with_capacity(tensors.len());
@@ -136,15 +135,15 @@ pub fn weighted_sum(
             _ => return None,
         });
     }
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, acc)| {
+    // One chunk of the result in f32 (a per-chunk buffer, not a whole-tensor intermediate).
+    let chunk = |ci: usize, acc: &mut [f32], buf: &mut [f32]| {
         let start = ci * CHUNK;
-        let mut buf = vec![0f32; acc.len()];
         for (k, view) in views.iter().enumerate() {
             let xs: &[f32] = match view {
                 FloatSlice::F32(s) => &s[start..start + acc.len()],
                 other => {
-                    other.read_f32(start, &mut buf);
-                    &buf
+                    other.read_f32(start, &mut buf[..acc.len()]);
+                    &buf[..acc.len()]
                 }
             };
             if k == 0 {
@@ -158,10 +157,48 @@ pub fn weighted_sum(
                 *a /= d;
             }
         }
-    });
+    };
+    let dev = Device::Cpu;
+    let result = match dtype {
+        DType::F32 => {
+            let mut out = vec![0f32; n];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, acc)| {
+                let mut buf = vec![0f32; acc.len()];
+                chunk(ci, acc, &mut buf);
+            });
+            Tensor::from_vec(out, shape.as_slice(), &dev)
+        }
+        // Halves are written straight from the f32 chunk: no full-size f32 intermediate.
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; n];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+                let (mut acc, mut buf) = (vec![0f32; o.len()], vec![0f32; o.len()]);
+                chunk(ci, &mut acc, &mut buf);
+                o.convert_from_f32_slice(&acc);
+            });
+            Tensor::from_vec(out, shape.as_slice(), &dev)
+        }
+        DType::F16 => {
+            let mut out = vec![f16::ZERO; n];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+                let (mut acc, mut buf) = (vec![0f32; o.len()], vec![0f32; o.len()]);
+                chunk(ci, &mut acc, &mut buf);
+                o.convert_from_f32_slice(&acc);
+            });
+            Tensor::from_vec(out, shape.as_slice(), &dev)
+        }
+        other => {
+            let mut out = vec![0f32; n];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, acc)| {
+                let mut buf = vec![0f32; acc.len()];
+                chunk(ci, acc, &mut buf);
+            });
+            Tensor::from_vec(out, shape.as_slice(), &dev).and_then(|t| t.to_dtype(other))
+        }
+    };
     drop(views);
     drop(guards);
-    Some(tensor_from_f32(out, &shape, dtype))
+    Some(result)
 }
 
 fn scale_into(acc: &mut [f32], xs: &[f32], w: f32) {

@@ -261,12 +261,31 @@ impl Checkpoint {
     pub fn load(&self, name: &str) -> Result<Tensor, CheckpointError> {
         let e = self.entry(name)?;
         let bytes = &self.shards[e.shard].mmap[e.start..e.end];
-        Tensor::from_raw_buffer(bytes, e.info.dtype, &e.info.shape, &Device::Cpu).map_err(
+        let t = Tensor::from_raw_buffer(bytes, e.info.dtype, &e.info.shape, &Device::Cpu).map_err(
             |source| CheckpointError::Candle {
                 tensor: name.to_string(),
                 source,
             },
-        )
+        );
+        self.release_pages(e);
+        t
+    }
+
+    /// Drops the mapped pages of a tensor that was just copied out from this process's resident
+    /// set (they stay in the page cache): a streaming merge then holds only the tensors in
+    /// flight, not every input page it has touched.
+    fn release_pages(&self, e: &Entry) {
+        const PAGE: usize = 4096;
+        let start = e.start / PAGE * PAGE;
+        let len = e.end - start;
+        // SAFETY: the mapping is private and read-only; after DONTNEED the pages read back from
+        // the file on the next access, so no data is lost and no borrowed slice is invalidated
+        // in content.
+        let _ = unsafe {
+            self.shards[e.shard]
+                .mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
     }
 
     /// Reads tensor `name` into a CPU tensor converted to `dtype`.
@@ -286,7 +305,10 @@ impl Checkpoint {
         };
         let bytes = &self.shards[e.shard].mmap[e.start..e.end];
         match convert_bytes(bytes, e.info.dtype, dtype, &e.info.shape) {
-            Some(t) => t.map_err(candle),
+            Some(t) => {
+                self.release_pages(e);
+                t.map_err(candle)
+            }
             None => self.load(name)?.to_dtype(dtype).map_err(candle),
         }
     }

@@ -32,6 +32,7 @@
 //! follows transformers' conventions but has no reference forward yet.
 
 mod config;
+pub mod generate;
 mod layers;
 mod load;
 mod model;
@@ -41,6 +42,7 @@ pub use layers::{
     Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp, MoeMlp, RmsNorm, Router,
 };
 pub use load::ModelParts;
+pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use model::{pad_batch, ForwardOutput, KvCache, LoadOptions, Model, Padding};
 
 use crate::checkpoint::CheckpointError;
