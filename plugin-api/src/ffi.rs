@@ -147,6 +147,68 @@ pub mod reduce {
     pub const COUNT_NONZERO: u32 = 4;
 }
 
+/// How `task_merge` sparsifies one task vector (plugin-api 1.3), as codes.
+pub mod sparsify {
+    /// Keep every element.
+    pub const NONE: u32 = 0;
+    /// Keep exactly the `k` largest `|δ|` (ties at the threshold kept in index order, as
+    /// `topk_abs_mask`).
+    pub const TOPK: u32 = 1;
+    /// Keep element i when `uniform(seed, stream, i) < p` (the generator of `bernoulli_mask`).
+    pub const BERNOULLI: u32 = 2;
+}
+
+/// How `task_merge` rescales a sparsified task vector (plugin-api 1.3), as codes.
+pub mod rescale {
+    /// No rescale.
+    pub const NONE: u32 = 0;
+    /// Times `‖δ‖₁ / ‖δ ⊙ M‖₁` (f64 sums), skipped when either is below 1e-7.
+    pub const L1: u32 = 1;
+    /// Divided by `p` (the keep probability).
+    pub const INVERSE: u32 = 2;
+}
+
+/// One task vector of a [`TaskMergeRequest`] (plugin-api 1.3).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TaskVector {
+    /// The fine-tuned model's tensor θᵢ (any float dtype; converted to the base's).
+    pub tensor: TensorHandle,
+    /// wᵢ, already rounded to the base's dtype.
+    pub weight: f64,
+    /// [`sparsify`] code.
+    pub sparsify: u32,
+    /// [`rescale`] code (ignored with [`sparsify::NONE`]).
+    pub rescale: u32,
+    /// [`sparsify::TOPK`]: how many elements to keep.
+    pub k: u64,
+    /// [`sparsify::BERNOULLI`]: keep probability; [`rescale::INVERSE`]: the divisor.
+    pub p: f64,
+    /// [`sparsify::BERNOULLI`]: seed.
+    pub seed: u64,
+    /// [`sparsify::BERNOULLI`]: stream.
+    pub stream: u64,
+}
+
+/// The arguments of [`BackendVTable::task_merge`] (plugin-api 1.3; append-only like the tables).
+#[repr(C)]
+pub struct TaskMergeRequest<'a> {
+    /// `size_of::<TaskMergeRequest>()` as the plugin compiled it.
+    pub struct_size: usize,
+    /// θ₀, whose dtype (f32, f16 or bf16) is the compute and output dtype.
+    pub base: TensorHandle,
+    /// The task vectors, in model order.
+    pub vectors: RSlice<'a, TaskVector>,
+    /// 1: sign consensus (TIES).
+    pub consensus: u8,
+    /// 1: divide by the (agreeing) weights.
+    pub normalize: u8,
+    /// Without consensus and with `normalize`: the divisor, already rounded to the dtype.
+    pub divisor: f64,
+    /// λ (1 skips the multiplication).
+    pub lambda: f64,
+}
+
 type Ctx = *const c_void;
 type H = TensorHandle;
 
@@ -231,6 +293,26 @@ pub struct BackendVTable {
     /// `bernoulli_mask` keyed by (seed, stream, i): a constant `probs = p` gives the same mask as
     /// `bernoulli_mask(p)` for any f32-representable p.
     pub bernoulli_probs: unsafe extern "C" fn(Ctx, H, u64, u64) -> FfiResult<H>,
+    /// Added in 1.3: the generalized task-arithmetic merge (task arithmetic, TIES, DARE) in one
+    /// or a few chunked passes over memory, bit-identical to the op-by-op formula in the base's
+    /// dtype D (f32, f16 or bf16). `r(·)` rounds to D; every step is computed in f32. Per
+    /// element, for each vector i in order:
+    /// `xᵢ = r(θᵢ)`, `δᵢ = r(xᵢ − θ₀)`, `δ̃ᵢ = δᵢ · Mᵢ` (Mᵢ ∈ {0, 1} from [`sparsify`]; top-k
+    /// ranks `|δᵢ|` over the whole tensor), rescaled ([`rescale`]: L1 `r(δ̃ᵢ · f32(f) + 0)`,
+    /// inverse `r(δ̃ᵢ / f32(p))`), then `aᵢ = r(δ̃ᵢ · f32(wᵢ)) + 0`.
+    /// Sums over i run in f32 left to right and round once. Consensus: `s = r(Σ aᵢ)`,
+    /// `maj = s ≥ 0 ? 1 : −1`, `gᵢ = [sign(aᵢ) = maj]`, `mixed = r(Σ aᵢ gᵢ)`, with normalize
+    /// `d = r(Σ wᵢ gᵢ)`, `d = r(d + [d = 0])`, `mixed = r(mixed / d)`. Without consensus:
+    /// `mixed = r(Σ aᵢ)`, with normalize `mixed = r(mixed / f32(divisor))`. Then λ ≠ 1:
+    /// `mixed = r(mixed · f32(λ) + 0)`; the result is `r(θ₀ + mixed)` in D.
+    pub task_merge: unsafe extern "C" fn(Ctx, *const TaskMergeRequest<'_>) -> FfiResult<H>,
+    /// Added in 1.3: `[Σ aᵢ², Σ bᵢ², Σ aᵢbᵢ]` of the values as f32, products and sums in f64 in
+    /// index order (the same bits as `reduce(SUM_SQ)` twice and `dot` on f32 tensors), one pass.
+    pub dot_norms: unsafe extern "C" fn(Ctx, H, H) -> FfiResult<RVec<f64>>,
+    /// Added in 1.3: `Σᵢ (f32(wᵢ) · f32(xᵢ) + 0)` in f32, left to right, each product rounded
+    /// before its add (no FMA, unlike `weighted_sum`: the same bits as `scale` then `add` on f32
+    /// tensors), written as the dtype code given (f32, f16 or bf16), in one pass.
+    pub lincomb: unsafe extern "C" fn(Ctx, RSlice<'_, H>, RSlice<'_, f64>, u32) -> FfiResult<H>,
 }
 
 // SAFETY: the table is immutable and the host's ctx is Sync (documented requirement).

@@ -74,7 +74,7 @@ pub mod prelude {
 /// incompatible ABI; minor grows when backend ops or plugin kinds are appended.
 pub const API_VERSION: ApiVersion = ApiVersion {
     major: 1,
-    minor: 2,
+    minor: 3,
     patch: 0,
 };
 

@@ -63,6 +63,62 @@ fn lift<T>(r: FfiResult<T>) -> Result<T> {
     }
 }
 
+/// How [`Backend::task_merge`] sparsifies one task vector δ = θ − θ₀ (plugin-api 1.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TvSparsify {
+    /// Keep every element.
+    None,
+    /// Keep exactly the k largest |δ| over the whole tensor (ties kept in index order).
+    TopK(usize),
+    /// Keep element i when the host's counter-based generator draws below `p` for
+    /// `(seed, stream, i)` (the mask of [`Tensor::bernoulli_mask`]).
+    Bernoulli {
+        /// Keep probability.
+        p: f64,
+        /// Seed.
+        seed: u64,
+        /// Stream.
+        stream: u64,
+    },
+}
+
+/// How [`Backend::task_merge`] rescales a sparsified task vector (plugin-api 1.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TvRescale {
+    /// No rescale.
+    None,
+    /// Times ‖δ‖₁ / ‖δ ⊙ M‖₁, skipped when either is below 1e-7.
+    L1,
+    /// Divided by the given keep probability.
+    Divide(f64),
+}
+
+/// One task vector of [`Backend::task_merge`].
+#[derive(Debug, Clone, Copy)]
+pub struct TaskVectorSpec<'t, 'b> {
+    /// The fine-tuned model's tensor θᵢ.
+    pub tensor: &'t Tensor<'b>,
+    /// wᵢ, already rounded to the base's dtype.
+    pub weight: f64,
+    /// Sparsification.
+    pub sparsify: TvSparsify,
+    /// Rescale after sparsification.
+    pub rescale: TvRescale,
+}
+
+/// The global knobs of [`Backend::task_merge`].
+#[derive(Debug, Clone, Copy)]
+pub struct TaskMergeOptions {
+    /// Sign consensus (TIES).
+    pub consensus: bool,
+    /// Divide by the (agreeing) weights.
+    pub normalize: bool,
+    /// Without consensus and with `normalize`: the divisor, already rounded to the dtype.
+    pub divisor: f64,
+    /// λ.
+    pub lambda: f64,
+}
+
 /// The host's tensor operations, as seen by a plugin during one call.
 #[derive(Clone, Copy)]
 pub struct Backend<'b> {
@@ -151,6 +207,77 @@ impl<'b> Backend<'b> {
         let hs: Vec<TensorHandle> = tensors.iter().map(|t| t.h).collect();
         // SAFETY: handles are live for 'b.
         self.wrap(unsafe { (self.vt.cat)(self.vt.ctx, RSlice::from_slice(&hs), dim as u32) })
+    }
+
+    /// Whether the host has the fused ops of plugin-api 1.3 ([`Backend::task_merge`],
+    /// [`Tensor::dot_norms`], [`Backend::lincomb`]); plugins fall back to separate ops otherwise.
+    pub fn has_fused_1_3(&self) -> bool {
+        self.vt.has(crate::__entry_end!(BackendVTable, lincomb))
+    }
+
+    /// The generalized task-arithmetic merge (task arithmetic, TIES, DARE) fused into a few
+    /// chunked passes, bit-identical to the op-by-op formula in the base's dtype (f32, f16 or
+    /// bf16); the exact op order is documented on [`BackendVTable::task_merge`] (plugin-api 1.3).
+    pub fn task_merge(
+        &self,
+        base: &Tensor<'b>,
+        vectors: &[TaskVectorSpec<'_, 'b>],
+        options: TaskMergeOptions,
+    ) -> Result<Tensor<'b>> {
+        self.require(crate::__entry_end!(BackendVTable, task_merge), "task_merge", 3)?;
+        let raw: Vec<ffi::TaskVector> = vectors
+            .iter()
+            .map(|v| {
+                let (sparsify, k, p, seed, stream) = match v.sparsify {
+                    TvSparsify::None => (ffi::sparsify::NONE, 0, 1.0, 0, 0),
+                    TvSparsify::TopK(k) => (ffi::sparsify::TOPK, k as u64, 1.0, 0, 0),
+                    TvSparsify::Bernoulli { p, seed, stream } => (ffi::sparsify::BERNOULLI, 0, p, seed, stream),
+                };
+                let (rescale, p) = match v.rescale {
+                    TvRescale::None => (ffi::rescale::NONE, p),
+                    TvRescale::L1 => (ffi::rescale::L1, p),
+                    TvRescale::Divide(d) => (ffi::rescale::INVERSE, d),
+                };
+                ffi::TaskVector {
+                    tensor: v.tensor.h,
+                    weight: v.weight,
+                    sparsify,
+                    rescale,
+                    k,
+                    p,
+                    seed,
+                    stream,
+                }
+            })
+            .collect();
+        let req = ffi::TaskMergeRequest {
+            struct_size: std::mem::size_of::<ffi::TaskMergeRequest<'_>>(),
+            base: base.h,
+            vectors: RSlice::from_slice(&raw),
+            consensus: options.consensus as u8,
+            normalize: options.normalize as u8,
+            divisor: options.divisor,
+            lambda: options.lambda,
+        };
+        // SAFETY: handles are live for 'b; the request outlives the call.
+        self.wrap(unsafe { (self.vt.task_merge)(self.vt.ctx, &req) })
+    }
+
+    /// `Σᵢ (f32(wᵢ) · xᵢ + 0)` in f32, left to right, each product rounded before its add (no
+    /// FMA: the bits of `scale` then `add` on f32 tensors), written as `out` (f32, f16 or bf16),
+    /// in one pass (plugin-api 1.3).
+    pub fn lincomb(&self, tensors: &[&Tensor<'b>], weights: &[f64], out: DType) -> Result<Tensor<'b>> {
+        self.require(crate::__entry_end!(BackendVTable, lincomb), "lincomb", 3)?;
+        let hs: Vec<TensorHandle> = tensors.iter().map(|t| t.h).collect();
+        // SAFETY: handles are live for 'b; slices outlive the call.
+        self.wrap(unsafe {
+            (self.vt.lincomb)(
+                self.vt.ctx,
+                RSlice::from_slice(&hs),
+                RSlice::from_slice(weights),
+                out.code(),
+            )
+        })
     }
 
     fn require(&self, end: usize, op: &str, minor: u32) -> Result<()> {
@@ -443,6 +570,17 @@ impl<'b> Tensor<'b> {
     pub fn sum_sq_last(&self) -> Result<Tensor<'b>> {
         self.backend
             .wrap(call!(self, reduce_last, ffi::reduce::SUM_SQ, self.h))
+    }
+    /// `(Σ aᵢ², Σ bᵢ², Σ aᵢbᵢ)` of the values as f32, in f64 in index order (the same bits as
+    /// `sum_sq`, `sum_sq` and `dot` of f32 tensors), in one pass (plugin-api 1.3).
+    pub fn dot_norms(&self, other: &Tensor<'b>) -> Result<(f64, f64, f64)> {
+        self.backend
+            .require(crate::__entry_end!(BackendVTable, dot_norms), "dot_norms", 3)?;
+        let v = lift(call!(self, dot_norms, self.h, other.h))?;
+        match v.as_slice() {
+            [aa, bb, ab] => Ok((*aa, *bb, *ab)),
+            _ => Err(Error::Backend("dot_norms returned the wrong number of values".into())),
+        }
     }
     /// `a + t · (b − a)`, fused (plugin-api 1.1).
     pub fn lerp(&self, other: &Tensor<'b>, t: f64) -> Result<Tensor<'b>> {

@@ -3,6 +3,7 @@
 //! they never link candle, so one device, one allocator and one copy of the weights serve every
 //! plugin.
 
+pub mod fused;
 pub mod kernels;
 
 use abi_stable::std_types::{RResult, RSlice, RString, RVec};
@@ -98,6 +99,9 @@ impl CandleBackend {
             lerp,
             abs_rank_last,
             bernoulli_probs,
+            task_merge,
+            dot_norms,
+            lincomb,
         }
     }
 
@@ -617,5 +621,72 @@ unsafe extern "C" fn bernoulli_probs(
             _ => kernels::bernoulli_probs(&f32_values(t)?, seed, stream),
         };
         kernels::tensor_from_f32(mask, t.dims(), t.dtype())?.to_device(t.device())
+    })
+}
+
+unsafe extern "C" fn task_merge(_ctx: *const c_void, req: *const ffi::TaskMergeRequest<'_>) -> FfiResult<TensorHandle> {
+    fresh(|| {
+        if req.is_null() {
+            candle_core::bail!("task_merge: null request");
+        }
+        // SAFETY: the plugin passes a live request for the duration of the call.
+        let req = unsafe { &*req };
+        if req.struct_size < std::mem::size_of::<ffi::TaskMergeRequest<'_>>() {
+            candle_core::bail!("task_merge: request of {} bytes is too short", req.struct_size);
+        }
+        // SAFETY: live handles.
+        let base = &unsafe { get(req.base) }?.tensor;
+        let models = req
+            .vectors
+            .iter()
+            .map(|v| {
+                // SAFETY: live handles.
+                let t = &unsafe { get(v.tensor) }?.tensor;
+                Ok((
+                    t,
+                    fused::VectorParams {
+                        weight: v.weight,
+                        sparsify: v.sparsify,
+                        rescale: v.rescale,
+                        k: v.k,
+                        p: v.p,
+                        seed: v.seed,
+                        stream: v.stream,
+                    },
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let knobs = fused::Knobs {
+            consensus: req.consensus != 0,
+            normalize: req.normalize != 0,
+            divisor: req.divisor,
+            lambda: req.lambda,
+        };
+        fused::task_merge(base, &models, &knobs)
+    })
+}
+
+unsafe extern "C" fn dot_norms(_ctx: *const c_void, a: TensorHandle, b: TensorHandle) -> FfiResult<RVec<f64>> {
+    guard(|| {
+        // SAFETY: live handles.
+        let (a, b) = unsafe { (&get(a)?.tensor, &get(b)?.tensor) };
+        let (aa, bb, ab) = fused::dot_norms(a, b)?;
+        Ok(RVec::from(vec![aa, bb, ab]))
+    })
+}
+
+unsafe extern "C" fn lincomb(
+    _ctx: *const c_void,
+    hs: RSlice<'_, TensorHandle>,
+    ws: RSlice<'_, f64>,
+    out: u32,
+) -> FfiResult<TensorHandle> {
+    fresh(|| {
+        let ts = hs
+            .iter()
+            // SAFETY: live handles.
+            .map(|h| unsafe { get(*h) }.map(|t| &t.tensor))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        fused::lincomb(&ts, ws.as_slice(), dtype_from_code(out)?)
     })
 }

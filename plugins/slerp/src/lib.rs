@@ -184,6 +184,15 @@ impl MergeMethod for Slerp {
         };
         same_shape(v0, v1, Self::NAME, cx.tensor_name)?;
         let t = params.t;
+        let out = v0.dtype();
+        if cx.backend.has_fused_1_3() && matches!(out, DType::F32 | DType::F16 | DType::BF16) {
+            // The same formula in two passes over the inputs (plugin-api 1.3): the sums as f32
+            // values in f64, then `s0·a + s1·b` in f32 with each product rounded.
+            let (aa, bb, ab) = v0.dot_norms(v1)?;
+            let (s0, s1) = slerp_coefficients(t, ab, aa, bb);
+            mglue_plugin_api::tracing::trace!(tensor = cx.tensor_name, t, s0, s1, "slerp (fused)");
+            return cx.backend.lincomb(&[v0, v1], &[s0, s1], out);
+        }
         let a = v0.to_dtype(DType::F32)?;
         let b = v1.to_dtype(DType::F32)?;
         let (s0, s1) = slerp_coefficients(t, a.dot(&b)?, a.sum_sq()?, b.sum_sq()?);

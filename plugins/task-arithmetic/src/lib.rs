@@ -53,6 +53,7 @@
 //!   with messages naming the model and tensor, instead of failing mid-merge or producing NaN.
 
 use mglue_plugin_api::prelude::*;
+use mglue_plugin_api::tensor::{TaskMergeOptions, TaskVectorSpec, TvRescale, TvSparsify};
 use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------
@@ -728,6 +729,84 @@ fn sparsify<'b>(
     }
 }
 
+/// The divisor without consensus: torch's weight tensor summed in f32, rounded to the dtype; a
+/// magnitude below 1e-8 becomes 1.
+fn plain_divisor<'b>(backend: Backend<'b>, w: &[f64], dtype: DType) -> Result<f64> {
+    let sum = w.iter().fold(0f32, |acc, &w| acc + w as f32) as f64;
+    let sum = if dtype == DType::F64 {
+        w.iter().sum()
+    } else {
+        round_to(backend, &[sum], dtype)?[0]
+    };
+    Ok(if sum.abs() < 1e-8 { 1.0 } else { sum })
+}
+
+/// Steps 1–3 in one host op (plugin-api 1.3 `task_merge`): the same formula and op order as
+/// [`sparsify`] and [`merge_tensor`]'s op-by-op path, bit for bit, in a few passes over memory.
+fn merge_fused<'b>(
+    spec: &Spec,
+    g: &Globals,
+    base: &Tensor<'b>,
+    inputs: &[(Tensor<'b>, Knobs, usize)],
+    weights: &[f64],
+    cx: &MergeContext<'b>,
+) -> Result<Tensor<'b>> {
+    let dtype = base.dtype();
+    let n = base.elem_count();
+    let w = round_to(cx.backend, weights, dtype)?;
+    let rescale = |d: f64| match g.rescale {
+        RescaleRule::None => TvRescale::None,
+        RescaleRule::L1 => TvRescale::L1,
+        RescaleRule::InverseDensity => TvRescale::Divide(d),
+    };
+    let vectors: Vec<TaskVectorSpec<'_, 'b>> = inputs
+        .iter()
+        .zip(&w)
+        .map(|((tensor, k, i), &weight)| {
+            let d = k.density;
+            let (sparsify, rescale) = match spec.sparsify {
+                Sparsify::Magnitude if d < 1.0 => (TvSparsify::TopK(count_of(d, n).max(1)), rescale(d)),
+                Sparsify::Random if d < 1.0 => (
+                    TvSparsify::Bernoulli {
+                        p: d,
+                        seed: cx.seed,
+                        stream: *i as u64,
+                    },
+                    rescale(d),
+                ),
+                _ => (TvSparsify::None, TvRescale::None),
+            };
+            TaskVectorSpec {
+                tensor,
+                weight,
+                sparsify,
+                rescale,
+            }
+        })
+        .collect();
+    let divisor = if !spec.consensus && g.normalize {
+        plain_divisor(cx.backend, &w, dtype)?
+    } else {
+        1.0
+    };
+    mglue_plugin_api::tracing::trace!(
+        tensor = cx.tensor_name,
+        method = spec.name,
+        models = vectors.len(),
+        "merge (fused)"
+    );
+    cx.backend.task_merge(
+        base,
+        &vectors,
+        TaskMergeOptions {
+            consensus: spec.consensus,
+            normalize: g.normalize,
+            divisor,
+            lambda: g.lambda,
+        },
+    )
+}
+
 /// Steps 2 and 3: optional sign consensus, then the (normalised) sum, λ and the base.
 fn merge_tensor<'b>(
     spec: &Spec,
@@ -746,6 +825,7 @@ fn merge_tensor<'b>(
     let shape = base.shape();
     let mut deltas = Vec::with_capacity(models.len());
     let mut weights = Vec::with_capacity(models.len());
+    let mut inputs = Vec::with_capacity(models.len());
     for (i, (tensor, k, is_base)) in models.into_iter().enumerate() {
         if is_base {
             continue;
@@ -763,6 +843,27 @@ fn merge_tensor<'b>(
                 tensor.shape()
             )));
         }
+        inputs.push((tensor, k, i));
+        weights.push(weight);
+    }
+    if inputs.is_empty() {
+        return Err(Error::params(format!(
+            "`{}` needs at least one model besides the base",
+            spec.name
+        )));
+    }
+    let n: usize = shape.iter().product();
+    let fusable = matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && matches!(
+            spec.sparsify,
+            Sparsify::None | Sparsify::Magnitude | Sparsify::Random
+        )
+        && n > 0
+        && cx.backend.has_fused_1_3();
+    if fusable {
+        return merge_fused(spec, g, base, &inputs, &weights, cx);
+    }
+    for (tensor, k, i) in inputs {
         let tensor = if tensor.dtype() == dtype {
             tensor
         } else {
@@ -770,7 +871,6 @@ fn merge_tensor<'b>(
         };
         let delta = tensor.sub(base)?;
         deltas.push(sparsify(spec, g.rescale, delta, &k, cx.seed, i as u64)?);
-        weights.push(weight);
     }
     if deltas.is_empty() {
         return Err(Error::params(format!(
@@ -818,14 +918,7 @@ fn merge_tensor<'b>(
     } else {
         let mixed = sum_models(cx.backend, &weighted, dtype)?;
         if g.normalize {
-            // torch: the weight tensor summed in f32, rounded to the dtype.
-            let sum = w.iter().fold(0f32, |acc, &w| acc + w as f32) as f64;
-            let sum = if dtype == DType::F64 {
-                w.iter().sum()
-            } else {
-                round_to(cx.backend, &[sum], dtype)?[0]
-            };
-            let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
+            let divisor = plain_divisor(cx.backend, &w, dtype)?;
             mixed.div(&mixed.full_like(divisor)?)?
         } else {
             mixed
