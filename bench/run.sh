@@ -15,6 +15,10 @@
 # writes the table into BENCHMARKS.md (the full run) or bench/zoo/BENCHMARKS-quick.md (--quick).
 set -euo pipefail
 
+# The whole script is one function, parsed before it runs: editing this file during a long run
+# cannot change what the running shell executes next.
+main() {
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 cd "$root"
@@ -82,3 +86,6 @@ args=(--zoo "$zoo" --mglue bench/zoo/bin/mglue --python bench/venv/bin/python --
 [ -n "$methods" ] && args+=(--methods $methods)
 python3 bench/bench.py "${args[@]}"
 echo "results: $markdown" >&2
+}
+
+main "$@"

@@ -46,6 +46,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Generate text with a model (greedy or sampled; chat template when the model has one).
     Generate(GenerateArgs),
+    /// Score a model on benchmark tasks as lm-evaluation-harness does (tasks are TOML files).
+    Eval(EvalArgs),
     /// Per-token log-probabilities and perplexity of a text under a model.
     Score(ScoreArgs),
     /// Run the demo: build two small models, merge them with the `linear` plugin, compare.
@@ -158,6 +160,31 @@ struct GenerateArgs {
     /// Use the prompt as is, without the model's chat template.
     #[arg(long)]
     raw: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The model directory (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// A task: a TOML file, or the name of one in ./tasks or $MGLUE_TASKS (repeatable).
+    #[arg(long = "task", required = true)]
+    tasks: Vec<String>,
+    /// Only the first N items of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Overrides the task's few-shot count.
+    #[arg(long)]
+    num_fewshot: Option<usize>,
+    /// Where per-model scores are cached (by the model's content hash).
+    #[arg(long, default_value = ".cache/scores")]
+    cache_dir: PathBuf,
+    /// Do not read or write the score cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Print the full report (per-item results) as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -526,6 +553,56 @@ fn cmd_generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn task_path(name: &str) -> PathBuf {
+    let p = PathBuf::from(name);
+    if p.extension().is_some() || p.exists() {
+        return p;
+    }
+    let dirs = std::env::var_os("MGLUE_TASKS").map(PathBuf::from).into_iter().chain([PathBuf::from("tasks")]);
+    for d in dirs {
+        let candidate = d.join(format!("{name}.toml"));
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    p
+}
+
+fn cmd_eval(a: &EvalArgs, quiet: bool) -> Result<()> {
+    use modelglue::eval::{EvalOptions, EvalTokenizer, Evaluator, ModelKey, ScoreCache, Task, TaskOptions};
+    let ckpt = modelglue::checkpoint::Checkpoint::open(&a.model)?;
+    let topts = TaskOptions { data_dir: None, num_fewshot: a.num_fewshot };
+    let tasks = a
+        .tasks
+        .iter()
+        .map(|t| Task::load(&task_path(t), &topts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let model = modelglue::runtime::Model::load(&ckpt)?;
+    let tokenizer = EvalTokenizer::from_checkpoint(&ckpt)?;
+    let opts = EvalOptions {
+        limit: a.limit,
+        max_length: EvalOptions::max_length_of(&ckpt),
+        progress: !quiet,
+        ..EvalOptions::default()
+    };
+    let mut ev = Evaluator::new(&model, &tokenizer, opts);
+    if !a.no_cache {
+        ev = ev.with_cache(ScoreCache::open(&a.cache_dir)?, ModelKey::of_checkpoint(&ckpt)?);
+    }
+    let report = ev.run_all(&tasks)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{:<32} {:>6} {:<12} {:>8} {:>8}", "TASK", "ITEMS", "METRIC", "VALUE", "STDERR");
+    for r in &report.tasks {
+        for (name, m) in &r.metrics {
+            println!("{:<32} {:>6} {:<12} {:>8.4} {:>8.4}", r.task, r.n_items, name, m.value, m.stderr);
+        }
+    }
+    Ok(())
+}
+
 fn cmd_score(a: &ScoreArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let enc = m.tokenizer.encode(a.text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?;
@@ -570,6 +647,7 @@ pub fn main() -> i32 {
         Command::Convert(a) => cmd_convert(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Score(a) => cmd_score(a),
+        Command::Eval(a) => cmd_eval(a, cli.quiet),
         Command::Demo(a) => cmd_demo(&cli, a),
     };
     match result {
