@@ -484,7 +484,12 @@ fn load_model(dir: &std::path::Path) -> Result<LoadedModel> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
-    Ok(LoadedModel { model, tokenizer, tokenizer_config, config: ckpt.config().clone() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        tokenizer_config,
+        config: ckpt.config().clone(),
+    })
 }
 
 fn token_text(v: &serde_json::Value) -> Option<String> {
@@ -503,7 +508,8 @@ fn chat_prompt(tc: &serde_json::Value, user: &str) -> Result<Option<String>> {
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_template("chat", template).context("the model's chat_template does not parse")?;
+    env.add_template("chat", template)
+        .context("the model's chat_template does not parse")?;
     let bos = tc.get("bos_token").and_then(token_text).unwrap_or_default();
     let eos = tc.get("eos_token").and_then(token_text).unwrap_or_default();
     let text = env
@@ -522,10 +528,17 @@ fn eos_ids(m: &LoadedModel) -> Vec<u32> {
     let mut ids = Vec::new();
     match m.config.get("eos_token_id") {
         Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
-        Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+        Some(serde_json::Value::Array(a)) => {
+            ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+        }
         _ => {}
     }
-    if let Some(id) = m.tokenizer_config.get("eos_token").and_then(token_text).and_then(|t| m.tokenizer.token_to_id(&t)) {
+    if let Some(id) = m
+        .tokenizer_config
+        .get("eos_token")
+        .and_then(token_text)
+        .and_then(|t| m.tokenizer.token_to_id(&t))
+    {
         ids.push(id);
     }
     ids
@@ -533,12 +546,19 @@ fn eos_ids(m: &LoadedModel) -> Vec<u32> {
 
 fn cmd_generate(a: &GenerateArgs) -> Result<()> {
     let m = load_model(&a.model)?;
-    let prompt = if a.raw { None } else { chat_prompt(&m.tokenizer_config, &a.prompt)? };
+    let prompt = if a.raw {
+        None
+    } else {
+        chat_prompt(&m.tokenizer_config, &a.prompt)?
+    };
     let (text, special) = match &prompt {
         Some(p) => (p.as_str(), false),
         None => (a.prompt.as_str(), true),
     };
-    let enc = m.tokenizer.encode(text, special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let enc = m
+        .tokenizer
+        .encode(text, special)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
     let opts = modelglue::runtime::GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -548,7 +568,9 @@ fn cmd_generate(a: &GenerateArgs) -> Result<()> {
         eos: eos_ids(&m),
     };
     let tok = &m.tokenizer;
-    let g = modelglue::runtime::generate(&m.model, enc.get_ids(), &opts, |ids| tok.decode(ids, true).unwrap_or_default())?;
+    let g = modelglue::runtime::generate(&m.model, enc.get_ids(), &opts, |ids| {
+        tok.decode(ids, true).unwrap_or_default()
+    })?;
     println!("{}", g.text);
     Ok(())
 }
@@ -558,7 +580,10 @@ fn task_path(name: &str) -> PathBuf {
     if p.extension().is_some() || p.exists() {
         return p;
     }
-    let dirs = std::env::var_os("MGLUE_TASKS").map(PathBuf::from).into_iter().chain([PathBuf::from("tasks")]);
+    let dirs = std::env::var_os("MGLUE_TASKS")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("tasks")]);
     for d in dirs {
         let candidate = d.join(format!("{name}.toml"));
         if candidate.exists() {
@@ -571,12 +596,15 @@ fn task_path(name: &str) -> PathBuf {
 fn cmd_eval(a: &EvalArgs, quiet: bool) -> Result<()> {
     use modelglue::eval::{EvalOptions, EvalTokenizer, Evaluator, ModelKey, ScoreCache, Task, TaskOptions};
     let ckpt = modelglue::checkpoint::Checkpoint::open(&a.model)?;
-    let topts = TaskOptions { data_dir: None, num_fewshot: a.num_fewshot };
+    let topts = TaskOptions {
+        data_dir: None,
+        num_fewshot: a.num_fewshot,
+    };
     let tasks = a
         .tasks
         .iter()
-        .map(|t| Task::load(&task_path(t), &topts))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|t| Task::load(&task_path(t), &topts).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
     let model = modelglue::runtime::Model::load(&ckpt)?;
     let tokenizer = EvalTokenizer::from_checkpoint(&ckpt)?;
     let opts = EvalOptions {
@@ -594,10 +622,16 @@ fn cmd_eval(a: &EvalArgs, quiet: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{:<32} {:>6} {:<12} {:>8} {:>8}", "TASK", "ITEMS", "METRIC", "VALUE", "STDERR");
+    println!(
+        "{:<32} {:>6} {:<12} {:>8} {:>8}",
+        "TASK", "ITEMS", "METRIC", "VALUE", "STDERR"
+    );
     for r in &report.tasks {
         for (name, m) in &r.metrics {
-            println!("{:<32} {:>6} {:<12} {:>8.4} {:>8.4}", r.task, r.n_items, name, m.value, m.stderr);
+            println!(
+                "{:<32} {:>6} {:<12} {:>8.4} {:>8.4}",
+                r.task, r.n_items, name, m.value, m.stderr
+            );
         }
     }
     Ok(())
@@ -605,10 +639,16 @@ fn cmd_eval(a: &EvalArgs, quiet: bool) -> Result<()> {
 
 fn cmd_score(a: &ScoreArgs) -> Result<()> {
     let m = load_model(&a.model)?;
-    let enc = m.tokenizer.encode(a.text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?;
+    let enc = m
+        .tokenizer
+        .encode(a.text.as_str(), true)
+        .map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?;
     let ids = enc.get_ids();
     if ids.len() < 2 {
-        bail!("the text is {} token(s) long; scoring needs at least 2", ids.len());
+        bail!(
+            "the text is {} token(s) long; scoring needs at least 2",
+            ids.len()
+        );
     }
     let lp = m.model.log_likelihood(ids)?;
     let mean = lp.iter().sum::<f64>() / lp.len() as f64;
@@ -619,13 +659,24 @@ fn cmd_score(a: &ScoreArgs) -> Result<()> {
             .zip(&lp)
             .map(|(id, l)| serde_json::json!({"id": id, "token": m.tokenizer.id_to_token(*id), "logprob": l}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tokens": tokens, "mean_logprob": mean, "perplexity": ppl}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"tokens": tokens, "mean_logprob": mean, "perplexity": ppl})
+            )?
+        );
     } else {
         println!("{:>8}  {:>10}  TOKEN", "ID", "LOGPROB");
         for (id, l) in ids[1..].iter().zip(&lp) {
-            println!("{id:>8}  {l:>10.4}  {:?}", m.tokenizer.id_to_token(*id).unwrap_or_default());
+            println!(
+                "{id:>8}  {l:>10.4}  {:?}",
+                m.tokenizer.id_to_token(*id).unwrap_or_default()
+            );
         }
-        println!("\nmean log-prob {mean:.4} over {} tokens; perplexity {ppl:.3}", lp.len());
+        println!(
+            "\nmean log-prob {mean:.4} over {} tokens; perplexity {ppl:.3}",
+            lp.len()
+        );
     }
     Ok(())
 }

@@ -147,10 +147,7 @@ mod checkpoint {
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<half::bf16>())
                 .expect("values");
-            let ours: Vec<u8> = ours
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect();
+            let ours: Vec<u8> = ours.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
             assert_eq!(ours, bf16_ckpt.raw_bytes(&name).expect("bytes"), "{name}");
         }
     }
@@ -230,11 +227,7 @@ mod checkpoint {
             }
         });
         for side in src.side_files() {
-            let name = side
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
+            let name = side.file_name().expect("name").to_string_lossy().into_owned();
             writer.copy_file(&side, &name).expect("copy");
         }
         writer
@@ -243,9 +236,7 @@ mod checkpoint {
                 &std::fs::read(src.dir().join("config.json")).expect("cfg"),
             )
             .expect("config");
-        writer
-            .write_file("README.md", b"# merged\n")
-            .expect("readme");
+        writer.write_file("README.md", b"# merged\n").expect("readme");
         let out = writer.finish().expect("finish");
         assert_eq!(out, target);
 
@@ -275,18 +266,12 @@ mod checkpoint {
             &std::fs::read(target.join("model.safetensors.index.json")).expect("index"),
         )
         .expect("index is JSON");
-        let total: usize = plan
-            .iter()
-            .map(|t| t.shape.iter().product::<usize>() * 4)
-            .sum();
+        let total: usize = plan.iter().map(|t| t.shape.iter().product::<usize>() * 4).sum();
         assert_eq!(index["metadata"]["total_size"], total);
         let weight_map: BTreeMap<String, String> =
             serde_json::from_value(index["weight_map"].clone()).expect("weight_map");
         assert_eq!(weight_map.len(), plan.len());
-        assert_eq!(
-            weight_map["lm_head.weight"],
-            "model-00003-of-00003.safetensors"
-        );
+        assert_eq!(weight_map["lm_head.weight"], "model-00003-of-00003.safetensors");
 
         // Every shard is valid for the reference parser, with the `pt` format tag.
         for file in safetensors_files(&target) {
@@ -385,8 +370,7 @@ mod checkpoint {
     fn dropping_an_unfinished_writer_leaves_nothing_behind() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let target = tmp.path().join("out");
-        let writer =
-            CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
+        let writer = CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
         writer.write_raw("a", &[0u8; 16]).expect("write");
         assert!(writer.partial_dir().is_dir());
         assert_eq!(partial_dirs(tmp.path()).len(), 1);
@@ -399,8 +383,7 @@ mod checkpoint {
     fn finish_with_missing_tensors_fails_and_leaves_nothing() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let target = tmp.path().join("out");
-        let writer =
-            CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
+        let writer = CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
         writer.write_raw("a", &[0u8; 16]).expect("write");
         let err = writer.finish().expect_err("b missing");
         assert!(matches!(&err, CheckpointError::Incomplete { missing, .. } if missing == &["b"]));
@@ -416,16 +399,11 @@ mod checkpoint {
         std::fs::create_dir(&target).expect("mkdir");
         std::fs::write(target.join("old.txt"), "old").expect("marker");
 
-        let err =
-            CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect_err("exists");
+        let err = CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect_err("exists");
         assert!(matches!(err, CheckpointError::TargetExists { .. }));
-        assert!(
-            err.to_string().contains(&target.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&target.display().to_string()), "{err}");
 
-        let writer =
-            CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, true).expect("create");
+        let writer = CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, true).expect("create");
         writer.write_raw("a", &[0u8; 16]).expect("a");
         writer.write_raw("b", &[0u8; 6]).expect("b");
         assert!(
@@ -450,8 +428,7 @@ mod checkpoint {
         std::fs::create_dir(&stale).expect("mkdir");
         std::fs::write(stale.join("model.safetensors"), "junk").expect("junk");
         let writer =
-            CheckpointWriter::create(&tmp.path().join("out"), &tiny_plan(), 1 << 20, false)
-                .expect("create");
+            CheckpointWriter::create(&tmp.path().join("out"), &tiny_plan(), 1 << 20, false).expect("create");
         assert!(!stale.exists());
         // A second writer for the same target in the same process is refused.
         let err = CheckpointWriter::create(&tmp.path().join("out"), &tiny_plan(), 1 << 20, false)
@@ -481,25 +458,16 @@ mod checkpoint {
         ));
         assert!(!target.exists() && partial_dirs(tmp.path()).is_empty());
 
-        let writer =
-            CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
+        let writer = CheckpointWriter::create(&target, &tiny_plan(), 1 << 20, false).expect("create");
         let cpu = &candle_core::Device::Cpu;
         let f32s = candle_core::Tensor::zeros((2, 2), DType::F32, cpu).expect("t");
         let err = writer.write_tensor("c", &f32s).expect_err("not planned");
-        assert!(
-            matches!(err, CheckpointError::NotInPlan { .. }) && err.to_string().contains("`c`")
-        );
+        assert!(matches!(err, CheckpointError::NotInPlan { .. }) && err.to_string().contains("`c`"));
         let err = writer.write_tensor("b", &f32s).expect_err("dtype");
-        assert!(
-            matches!(err, CheckpointError::DtypeMismatch { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::DtypeMismatch { .. }), "{err}");
         let wrong_shape = candle_core::Tensor::zeros(4, DType::F32, cpu).expect("t");
         let err = writer.write_tensor("a", &wrong_shape).expect_err("shape");
-        assert!(
-            matches!(err, CheckpointError::ShapeMismatch { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::ShapeMismatch { .. }), "{err}");
         let err = writer.write_raw("a", &[0u8; 15]).expect_err("length");
         assert!(matches!(
             err,
@@ -511,10 +479,7 @@ mod checkpoint {
         ));
         writer.write_tensor("a", &f32s).expect("first write");
         let err = writer.write_tensor("a", &f32s).expect_err("twice");
-        assert!(
-            matches!(err, CheckpointError::AlreadyWritten { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::AlreadyWritten { .. }), "{err}");
         for bad in ["../escape", "/abs", "model.safetensors"] {
             let err = writer.write_file(bad, b"x").expect_err(bad);
             assert!(
@@ -568,17 +533,10 @@ mod checkpoint {
             ),
             ("huge.safetensors", huge_len, "limit"),
             ("beyond.safetensors", beyond, "only"),
-            (
-                "json.safetensors",
-                safetensors_bytes("{\"w\": [", 0),
-                "JSON",
-            ),
+            ("json.safetensors", safetensors_bytes("{\"w\": [", 0), "JSON"),
             (
                 "range.safetensors",
-                safetensors_bytes(
-                    r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
-                    8,
-                ),
+                safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#, 8),
                 "8..16",
             ),
             (
@@ -591,18 +549,12 @@ mod checkpoint {
             ),
             (
                 "size.safetensors",
-                safetensors_bytes(
-                    r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-                    8,
-                ),
+                safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8),
                 "12 bytes",
             ),
             (
                 "dtype.safetensors",
-                safetensors_bytes(
-                    r#"{"w":{"dtype":"Q8_0","shape":[8],"data_offsets":[0,8]}}"#,
-                    8,
-                ),
+                safetensors_bytes(r#"{"w":{"dtype":"Q8_0","shape":[8],"data_offsets":[0,8]}}"#, 8),
                 "Q8_0",
             ),
         ];
@@ -613,10 +565,7 @@ mod checkpoint {
                 msg.contains(name),
                 "{name}: message does not name the file: {msg}"
             );
-            assert!(
-                msg.contains(needle),
-                "{name}: expected `{needle}` in: {msg}"
-            );
+            assert!(msg.contains(needle), "{name}: expected `{needle}` in: {msg}");
         }
     }
 
@@ -637,10 +586,7 @@ mod checkpoint {
     fn safetensors_win_over_a_stray_bin_file() {
         let tmp = broken_model(
             "model.safetensors",
-            &safetensors_bytes(
-                r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-                8,
-            ),
+            &safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8),
         );
         std::fs::write(tmp.path().join("training_args.bin"), b"pickle").expect("bin");
         let ckpt = Checkpoint::open(tmp.path()).expect("opens");
@@ -656,17 +602,11 @@ mod checkpoint {
 
         std::fs::write(tmp.path().join("config.json"), "{\"a\": ").expect("config");
         let err = open_err(tmp.path());
-        assert!(
-            matches!(err, CheckpointError::ConfigInvalid { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::ConfigInvalid { .. }), "{err}");
         assert!(err.to_string().contains("config.json"));
 
         std::fs::write(tmp.path().join("config.json"), "{}").expect("config");
-        assert!(matches!(
-            open_err(tmp.path()),
-            CheckpointError::NoWeights { .. }
-        ));
+        assert!(matches!(open_err(tmp.path()), CheckpointError::NoWeights { .. }));
     }
 
     fn indexed_model(weight_map: &str, shards: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
@@ -685,24 +625,15 @@ mod checkpoint {
 
     #[test]
     fn index_problems_are_errors() {
-        let w = safetensors_bytes(
-            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            8,
-        );
-        let v = safetensors_bytes(
-            r#"{"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let w = safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8);
+        let v = safetensors_bytes(r#"{"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8);
 
         let tmp = indexed_model(
             r#"{"w":"a.safetensors","v":"b.safetensors"}"#,
             &[("a.safetensors", w.clone())],
         );
         let err = open_err(tmp.path());
-        assert!(
-            matches!(err, CheckpointError::IndexMissingShard { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::IndexMissingShard { .. }), "{err}");
         assert!(err.to_string().contains("b.safetensors") && err.to_string().contains("`v`"));
 
         let tmp = indexed_model(
@@ -710,20 +641,14 @@ mod checkpoint {
             &[("a.safetensors", w.clone()), ("b.safetensors", w.clone())],
         );
         let err = open_err(tmp.path());
-        assert!(
-            matches!(err, CheckpointError::DuplicateTensor { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::DuplicateTensor { .. }), "{err}");
         let msg = err.to_string();
         assert!(
             msg.contains("a.safetensors") && msg.contains("b.safetensors") && msg.contains("`w`"),
             "{msg}"
         );
 
-        let tmp = indexed_model(
-            r#"{"w":"../a.safetensors"}"#,
-            &[("a.safetensors", w.clone())],
-        );
+        let tmp = indexed_model(r#"{"w":"../a.safetensors"}"#, &[("a.safetensors", w.clone())]);
         assert!(matches!(
             open_err(tmp.path()),
             CheckpointError::IndexInvalid { .. }
@@ -748,17 +673,11 @@ mod checkpoint {
 
     #[test]
     fn several_safetensors_without_index_are_ambiguous() {
-        let w = safetensors_bytes(
-            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let w = safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8);
         let tmp = broken_model("a.safetensors", &w);
         std::fs::write(tmp.path().join("b.safetensors"), &w).expect("second");
         let err = open_err(tmp.path());
-        assert!(
-            matches!(err, CheckpointError::AmbiguousWeights { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::AmbiguousWeights { .. }), "{err}");
     }
 
     #[test]

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use modelglue::config::{
-    AnyConfig, ConfigError, GateMode, MergeConfig, MoeConfig, ParamValue, TensorSite,
-    TokenizerSource,
+    AnyConfig, ConfigError, GateMode, MergeConfig, MoeConfig, ParamValue, TensorSite, TokenizerSource,
 };
 use serde_json::json;
 
@@ -67,29 +66,17 @@ fn every_fixture_config_parses_as_its_kind() {
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "yml"))
     {
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("utf-8 name");
+        let name = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 name");
         let any = AnyConfig::from_yaml_file(path).unwrap_or_else(|e| panic!("{name}: {e}"));
         match any {
             AnyConfig::Moe(m) => {
                 assert!(name.starts_with("moe_"), "{name} parsed as mergekit-moe");
                 moe += 1;
-                let err = MergeConfig::from_yaml_file(path)
-                    .expect_err("moe config refused as a merge config");
-                assert!(
-                    matches!(err, ConfigError::MoeConfig { .. }),
-                    "{name}: {err}"
-                );
-                assert!(
-                    err.to_string().contains("this is a mergekit-moe config"),
-                    "{err}"
-                );
-                assert_eq!(
-                    m.referenced_models(),
-                    [zoo("base"), zoo("ft1"), zoo("alien")]
-                );
+                let err =
+                    MergeConfig::from_yaml_file(path).expect_err("moe config refused as a merge config");
+                assert!(matches!(err, ConfigError::MoeConfig { .. }), "{name}: {err}");
+                assert!(err.to_string().contains("this is a mergekit-moe config"), "{err}");
+                assert_eq!(m.referenced_models(), [zoo("base"), zoo("ft1"), zoo("alien")]);
             }
             AnyConfig::Merge(m) => {
                 assert!(!name.starts_with("moe_"), "{name} parsed as a merge config");
@@ -115,11 +102,7 @@ fn linear_has_its_weights_and_normalize() {
     assert_eq!(c.merge_method, "linear");
     assert_eq!(c.base_model, None);
     assert!(c.slices.is_empty());
-    let weights: Vec<f64> = c
-        .models
-        .iter()
-        .map(|m| number(&m.parameters["weight"]))
-        .collect();
+    let weights: Vec<f64> = c.models.iter().map(|m| number(&m.parameters["weight"])).collect();
     assert_eq!(weights, [0.5, 0.3, 0.2]);
     assert_eq!(c.models[1].model, zoo("ft2"));
     assert_eq!(c.parameters["normalize"], ParamValue::Bool(true));
@@ -163,11 +146,7 @@ fn slerp_gradient_resolves_t_per_tensor_as_mergekit_did() {
     let slice = &c.slices[0];
     assert_eq!(slice.num_layers(), 2);
     assert_eq!(
-        slice
-            .sources
-            .iter()
-            .map(|s| s.layer_range)
-            .collect::<Vec<_>>(),
+        slice.sources.iter().map(|s| s.layer_range).collect::<Vec<_>>(),
         [(0, 2), (0, 2)]
     );
     assert_eq!(c.referenced_models(), [zoo("base"), zoo("alien")]);
@@ -177,9 +156,7 @@ fn slerp_gradient_resolves_t_per_tensor_as_mergekit_did() {
             Some(l) => TensorSite::in_layer(name, l, slice.num_layers()),
             None => TensorSite::non_layer(name),
         };
-        c.slice_params(0, &site)["t"]
-            .as_f64()
-            .expect("t is a number")
+        c.slice_params(0, &site)["t"].as_f64().expect("t is a number")
     };
     assert_eq!(t("model.layers.0.self_attn.q_proj.weight"), 0.0);
     assert_eq!(t("model.layers.1.self_attn.q_proj.weight"), 1.0);
@@ -247,10 +224,7 @@ fn task_vector_methods_keep_per_model_and_global_parameters_apart() {
     let site = TensorSite::in_layer("model.layers.1.self_attn.o_proj.weight", 1, 2);
     // Whole numbers resolve to JSON integers; compare numerically.
     assert_eq!(ta.global_params(&site)["lambda"].as_f64(), Some(1.0));
-    assert_eq!(
-        ta.model_params_for(1, &site, &["weight"])["weight"],
-        json!(0.3)
-    );
+    assert_eq!(ta.model_params_for(1, &site, &["weight"])["weight"], json!(0.3));
 
     let della = config("della");
     assert_eq!(della.models.len(), 3);
@@ -279,12 +253,10 @@ fn moe_configs_parse_with_their_gate_modes() {
     assert_eq!(m.experts[0].positive_prompts[1], "class Foo(object):");
     assert_eq!(m.experts[1].negative_prompts, ["import os"]);
 
-    let r =
-        MoeConfig::from_yaml_file(&fixtures().join("configs/moe_random_k1.yml")).expect("parses");
+    let r = MoeConfig::from_yaml_file(&fixtures().join("configs/moe_random_k1.yml")).expect("parses");
     assert_eq!((r.gate_mode, r.experts_per_token), (GateMode::Random, 1));
     assert!(r.experts.iter().all(|e| e.positive_prompts.is_empty()));
 
-    let err =
-        MoeConfig::from_yaml_file(&fixtures().join("configs/linear.yml")).expect_err("not moe");
+    let err = MoeConfig::from_yaml_file(&fixtures().join("configs/linear.yml")).expect_err("not moe");
     assert!(matches!(err, ConfigError::NotMoeConfig { .. }), "{err}");
 }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use modelglue::config::{
-    parse_model_flag, parse_param_flag, ConditionalValue, ConfigError, MergeConfig, ParamMap,
-    ParamValue, TensorSite, TokenizerSource,
+    parse_model_flag, parse_param_flag, ConditionalValue, ConfigError, MergeConfig, ParamMap, ParamValue,
+    TensorSite, TokenizerSource,
 };
 use serde_json::json;
 
@@ -47,8 +47,8 @@ fn unknown_top_level_key_is_named_with_a_suggestion_and_line() {
 
 #[test]
 fn unknown_nested_key_names_its_section() {
-    let err = parse("merge_method: linear\nmodels:\n  - model: a\n    weight: 0.5\n")
-        .expect_err("unknown key");
+    let err =
+        parse("merge_method: linear\nmodels:\n  - model: a\n    weight: 0.5\n").expect_err("unknown key");
     let ConfigError::UnknownKey {
         key, section, line, ..
     } = &err
@@ -73,10 +73,9 @@ fn bad_yaml_reports_its_line() {
 
 #[test]
 fn bad_parameter_values_report_the_parameter_and_line() {
-    let err = parse(
-        "merge_method: slerp\nmodels:\n  - model: a\n  - model: b\nparameters:\n  t: [0, true]\n",
-    )
-    .expect_err("non-numeric gradient");
+    let err =
+        parse("merge_method: slerp\nmodels:\n  - model: a\n  - model: b\nparameters:\n  t: [0, true]\n")
+            .expect_err("non-numeric gradient");
     let msg = err.to_string();
     assert!(msg.contains("`t`") && msg.contains("numbers only"), "{msg}");
     assert_eq!(err.line(), Some(6), "{msg}");
@@ -121,7 +120,9 @@ fn moe_text_is_refused_with_a_clear_message() {
 
 #[test]
 fn paths_resolve_against_the_yaml_directory_and_absolute_paths_are_kept() {
-    let c = ok("merge_method: linear\nbase_model: /abs/base\nmodels:\n  - model: ../zoo/a\n  - model: /abs/base\n");
+    let c = ok(
+        "merge_method: linear\nbase_model: /abs/base\nmodels:\n  - model: ../zoo/a\n  - model: /abs/base\n",
+    );
     assert_eq!(c.models[0].model, PathBuf::from("/cfg/../zoo/a"));
     assert_eq!(c.base_model, Some(PathBuf::from("/abs/base")));
     assert_eq!(
@@ -143,8 +144,7 @@ fn paths_resolve_against_the_yaml_directory_and_absolute_paths_are_kept() {
     .expect("write");
     let err = MergeConfig::from_yaml_file(&file).expect_err("typo");
     assert!(
-        err.to_string()
-            .starts_with(&format!("{}:4:", file.display())),
+        err.to_string().starts_with(&format!("{}:4:", file.display())),
         "{err}"
     );
 }
@@ -225,11 +225,7 @@ fn slice_scopes_sit_between_source_and_global() {
 fn gradients_on_tensors_outside_the_layers_take_the_first_entry() {
     // mergekit 0.1.5 plans embed_tokens, the final norm and lm_head with t = 0.
     let t = ParamValue::List(vec![0.2, 0.6, 1.0]);
-    for name in [
-        "model.embed_tokens.weight",
-        "model.norm.weight",
-        "lm_head.weight",
-    ] {
+    for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
         assert_eq!(
             t.resolve(&TensorSite::non_layer(name)),
             Some(json!(0.2)),
@@ -238,11 +234,7 @@ fn gradients_on_tensors_outside_the_layers_take_the_first_entry() {
     }
     // ... and a one-layer slice with t = 1.
     assert_eq!(
-        t.resolve(&TensorSite::in_layer(
-            "model.layers.0.mlp.up_proj.weight",
-            0,
-            1
-        )),
+        t.resolve(&TensorSite::in_layer("model.layers.0.mlp.up_proj.weight", 0, 1)),
         Some(json!(1))
     );
     // python3 (mergekit's formula) for [0, 0.5, 1] over 5 layers: 0.0, 0.25, 0.5, 0.75, 1.0
@@ -268,14 +260,8 @@ fn conditional_values_take_the_first_matching_filter() {
         };
         c.global_params(&site)["t"].clone()
     };
-    assert_eq!(
-        at("model.layers.0.self_attn.q_proj.weight", Some(0)),
-        json!(0.1)
-    );
-    assert_eq!(
-        at("model.layers.1.cross_attn.q_proj.weight", Some(1)),
-        json!(0.2)
-    );
+    assert_eq!(at("model.layers.0.self_attn.q_proj.weight", Some(0)), json!(0.1));
+    assert_eq!(at("model.layers.1.cross_attn.q_proj.weight", Some(1)), json!(0.2));
     assert_eq!(at("model.layers.1.mlp.up_proj.weight", Some(1)), json!(0.7));
     assert_eq!(at("model.embed_tokens.weight", None), json!(0.3));
     assert_eq!(

@@ -110,7 +110,12 @@ fn shipped_tasks_load_with_the_benchmark_item_counts() {
     let counts: Vec<(&str, usize)> = tasks.iter().map(|t| (t.name(), t.len())).collect();
     assert_eq!(
         counts,
-        [("arc_challenge", 300), ("gsm8k", 300), ("mmlu", 285), ("winogrande", 300)]
+        [
+            ("arc_challenge", 300),
+            ("gsm8k", 300),
+            ("mmlu", 285),
+            ("winogrande", 300)
+        ]
     );
 }
 
@@ -131,7 +136,12 @@ fn winogrande_requests_equal_the_lm_eval_contexts_of_every_item() {
             .collect();
         assert_eq!(contexts, want, "{}", item.id);
         for r in requests {
-            assert_eq!(r.continuation, row["lm_eval_continuation"].as_str().expect("str"), "{}", item.id);
+            assert_eq!(
+                r.continuation,
+                row["lm_eval_continuation"].as_str().expect("str"),
+                "{}",
+                item.id
+            );
         }
         assert_eq!(*gold as u64, row["answer_index"].as_u64().expect("gold"));
     }
@@ -140,7 +150,12 @@ fn winogrande_requests_equal_the_lm_eval_contexts_of_every_item() {
 #[test]
 fn arc_and_mmlu_zero_shot_requests_follow_the_lm_eval_templates() {
     let arc = shipped("arc_challenge.toml", None).item(0).expect("item");
-    let ItemRequests::Choices { requests, choice_len_chars, .. } = arc.requests else {
+    let ItemRequests::Choices {
+        requests,
+        choice_len_chars,
+        ..
+    } = arc.requests
+    else {
         panic!("choices")
     };
     assert_eq!(
@@ -192,10 +207,17 @@ fn mmlu_five_shot_prefix_is_the_first_five_dev_rows_of_the_subject() {
                 letters[row["answer_index"].as_u64().expect("gold") as usize]
             );
         }
-        assert!(requests[0].context.starts_with(&want), "{}: {:?}", item.id, requests[0].context);
+        assert!(
+            requests[0].context.starts_with(&want),
+            "{}: {:?}",
+            item.id,
+            requests[0].context
+        );
         assert_eq!(requests[0].context.matches("\nAnswer:").count(), 6);
     }
-    let err = shipped("mmlu.toml", Some(6)).item(0).expect_err("only 5 dev rows per subject");
+    let err = shipped("mmlu.toml", Some(6))
+        .item(0)
+        .expect_err("only 5 dev rows per subject");
     assert!(err.to_string().contains("6 few-shot examples asked"), "{err}");
 }
 
@@ -203,7 +225,11 @@ fn mmlu_five_shot_prefix_is_the_first_five_dev_rows_of_the_subject() {
 fn batching_strategies_agree_with_each_other_and_with_the_runtime_log_likelihood() {
     let t = tiny("base");
     let dir = tempfile::tempdir().expect("tempdir");
-    for (file, rows) in [("arc_challenge.toml", 6), ("winogrande.toml", 6), ("mmlu.toml", 6)] {
+    for (file, rows) in [
+        ("arc_challenge.toml", 6),
+        ("winogrande.toml", 6),
+        ("mmlu.toml", 6),
+    ] {
         let task = small_task(dir.path(), file, rows);
         let run = |b, budget| {
             Evaluator::new(&t.model, &t.tokenizer, opts(b, budget, None))
@@ -211,7 +237,11 @@ fn batching_strategies_agree_with_each_other_and_with_the_runtime_log_likelihood
                 .expect("scores")
         };
         let shared = run(Batching::SharedPrefix, 1024);
-        for other in [run(Batching::SharedPrefix, 0), run(Batching::Full, 1024), run(Batching::Full, 0)] {
+        for other in [
+            run(Batching::SharedPrefix, 0),
+            run(Batching::Full, 1024),
+            run(Batching::Full, 0),
+        ] {
             for (a, b) in shared.items.iter().zip(&other.items) {
                 let (a, b) = (a.as_choice().expect("choice"), b.as_choice().expect("choice"));
                 for (x, y) in a.loglik.iter().zip(&b.loglik) {
@@ -227,12 +257,20 @@ fn batching_strategies_agree_with_each_other_and_with_the_runtime_log_likelihood
                 panic!("choices")
             };
             for (k, r) in requests.iter().enumerate() {
-                let (ctx, cont) = t.tokenizer.encode_pair(&r.context, &r.continuation).expect("encode");
+                let (ctx, cont) = t
+                    .tokenizer
+                    .encode_pair(&r.context, &r.continuation)
+                    .expect("encode");
                 assert_eq!(cont, c.cont_token_ids[k]);
                 let ids: Vec<u32> = ctx.iter().chain(&cont).copied().collect();
                 let per_token = t.model.log_likelihood(&ids).expect("log_likelihood");
                 let want: f64 = per_token[per_token.len() - cont.len()..].iter().sum();
-                assert!((c.loglik[k] - want).abs() < 1e-4, "{file} {} choice {k}: {} vs {want}", c.id, c.loglik[k]);
+                assert!(
+                    (c.loglik[k] - want).abs() < 1e-4,
+                    "{file} {} choice {k}: {} vs {want}",
+                    c.id,
+                    c.loglik[k]
+                );
             }
         }
     }
@@ -267,10 +305,14 @@ fn the_score_cache_serves_repeats_and_scores_only_missing_items() {
     assert_eq!(more.metrics, uncached.metrics);
 
     // Another model's key misses; a damaged entry is rescored, not trusted.
-    let other = Evaluator::new(&t.model, &t.tokenizer, opts(Batching::SharedPrefix, 1024, Some(2)))
-        .with_cache(cache.clone(), ModelKey::new("some merge"))
-        .run(&task)
-        .expect("scores");
+    let other = Evaluator::new(
+        &t.model,
+        &t.tokenizer,
+        opts(Batching::SharedPrefix, 1024, Some(2)),
+    )
+    .with_cache(cache.clone(), ModelKey::new("some merge"))
+    .run(&task)
+    .expect("scores");
     assert_eq!(other.scored_now, 2);
     let settings = Evaluator::new(&t.model, &t.tokenizer, EvalOptions::default()).settings();
     std::fs::write(cache.path(&key, &task, &settings), "{ not json").expect("damage");
@@ -287,7 +329,10 @@ fn model_keys_follow_the_weights_not_the_directory() {
     let copy = Checkpoint::open(dir.path()).expect("open copy");
     let ft1 = Checkpoint::open(&zoo("ft1")).expect("open");
     let key = ModelKey::of_checkpoint(&base).expect("key");
-    assert!(key.as_str().starts_with("sha256-") && key.as_str().len() == 7 + 64, "{key}");
+    assert!(
+        key.as_str().starts_with("sha256-") && key.as_str().len() == 7 + 64,
+        "{key}"
+    );
     assert_eq!(ModelKey::of_checkpoint(&copy).expect("key"), key);
     assert_ne!(ModelKey::of_checkpoint(&ft1).expect("key"), key);
 }
@@ -308,7 +353,9 @@ fn the_json_report_round_trips_with_per_task_metrics_and_items() {
     assert_eq!(back, report);
     let v: Value = serde_json::from_str(&json).expect("JSON");
     assert!(v["tasks"][0]["metrics"]["acc_norm"]["value"].is_number());
-    assert!(v["tasks"][0]["items"][2]["loglik"].as_array().is_some_and(|a| a.len() == 4));
+    assert!(v["tasks"][0]["items"][2]["loglik"]
+        .as_array()
+        .is_some_and(|a| a.len() == 4));
     assert_eq!(v["tasks"][1]["primary_metric"], "acc");
     let mean = (report.tasks[0].primary() + report.tasks[1].primary()) / 2.0;
     assert_eq!(report.mean_primary, mean);
@@ -318,9 +365,18 @@ fn the_json_report_round_trips_with_per_task_metrics_and_items() {
 fn greedy_without_cache(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut ids = prompt.to_vec();
     for _ in 0..steps {
-        let x = Tensor::new(&ids[..], &Device::Cpu).expect("ids").unsqueeze(0).expect("batch");
+        let x = Tensor::new(&ids[..], &Device::Cpu)
+            .expect("ids")
+            .unsqueeze(0)
+            .expect("batch");
         let logits = model.forward(&x).expect("forward");
-        let last: Vec<f32> = logits.get(0).expect("row").get(ids.len() - 1).expect("pos").to_vec1().expect("vec");
+        let last: Vec<f32> = logits
+            .get(0)
+            .expect("row")
+            .get(ids.len() - 1)
+            .expect("pos")
+            .to_vec1()
+            .expect("vec");
         let mut best = 0;
         for (i, &v) in last.iter().enumerate() {
             if v > last[best] {
@@ -352,12 +408,19 @@ fn gsm8k_generation_is_greedy_stops_and_extracts_like_lm_eval() {
     .expect("task");
     let mut o = opts(Batching::SharedPrefix, 1024, Some(3));
     o.generation_batch = 2;
-    let result = Evaluator::new(&t.model, &t.tokenizer, o).run(&task).expect("generates");
+    let result = Evaluator::new(&t.model, &t.tokenizer, o)
+        .run(&task)
+        .expect("generates");
     assert_eq!(result.n_items, 3);
     for (i, item) in result.items.iter().enumerate() {
         let g = item.as_generation().expect("generation");
         assert!(g.n_gen_tokens <= 12);
-        assert!(g.target.ends_with(&format!("#### {}", jsonl(&benchmarks().join("gsm8k_test_first300.jsonl"))[i]["answer"].as_str().expect("answer"))));
+        assert!(g.target.ends_with(&format!(
+            "#### {}",
+            jsonl(&benchmarks().join("gsm8k_test_first300.jsonl"))[i]["answer"]
+                .as_str()
+                .expect("answer")
+        )));
         assert!(!g.generation.contains("Question:"));
         let ItemRequests::Generate { context, .. } = task.item(i).expect("item").requests else {
             panic!("generate")

@@ -50,10 +50,10 @@ use abi_stable::{
 };
 
 pub use error::{Error, Result};
-/// The `tracing` plugins log with; events are forwarded to the host (see [`log`]).
-pub use tracing;
 pub use merge::{MergeContext, MergeInput, MergeMethod, ValidateContext};
 pub use tensor::{Backend, DType, Tensor};
+/// The `tracing` plugins log with; events are forwarded to the host (see [`log`]).
+pub use tracing;
 
 /// Re-exports for the [`export_plugin!`] macro; not part of the public API.
 #[doc(hidden)]

@@ -142,9 +142,7 @@ fn parse_models<M: MergeMethod>(list: RSlice<'_, RStr<'_>>) -> Result<Vec<M::Mod
 ///
 /// # Safety
 /// `req` must point to a valid request for the duration of the call.
-pub unsafe extern "C" fn validate_shim<M: MergeMethod>(
-    req: *const ValidateRequest<'_>,
-) -> FfiResult<u8> {
+pub unsafe extern "C" fn validate_shim<M: MergeMethod>(req: *const ValidateRequest<'_>) -> FfiResult<u8> {
     contain(M::NAME, || {
         // SAFETY: the caller passes a valid request.
         let req = unsafe { &*req };

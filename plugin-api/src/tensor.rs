@@ -231,7 +231,9 @@ impl<'b> Backend<'b> {
                 let (sparsify, k, p, seed, stream) = match v.sparsify {
                     TvSparsify::None => (ffi::sparsify::NONE, 0, 1.0, 0, 0),
                     TvSparsify::TopK(k) => (ffi::sparsify::TOPK, k as u64, 1.0, 0, 0),
-                    TvSparsify::Bernoulli { p, seed, stream } => (ffi::sparsify::BERNOULLI, 0, p, seed, stream),
+                    TvSparsify::Bernoulli { p, seed, stream } => {
+                        (ffi::sparsify::BERNOULLI, 0, p, seed, stream)
+                    }
                 };
                 let (rescale, p) = match v.rescale {
                     TvRescale::None => (ffi::rescale::NONE, p),
@@ -552,14 +554,8 @@ impl<'b> Tensor<'b> {
     }
     /// Rows `[start, start + len)` along `dim`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor<'b>> {
-        self.backend.wrap(call!(
-            self,
-            narrow,
-            self.h,
-            dim as u32,
-            start as u64,
-            len as u64
-        ))
+        self.backend
+            .wrap(call!(self, narrow, self.h, dim as u32, start as u64, len as u64))
     }
     /// `Σ` over the last dimension, kept as size 1.
     pub fn sum_last(&self) -> Result<Tensor<'b>> {
@@ -579,7 +575,9 @@ impl<'b> Tensor<'b> {
         let v = lift(call!(self, dot_norms, self.h, other.h))?;
         match v.as_slice() {
             [aa, bb, ab] => Ok((*aa, *bb, *ab)),
-            _ => Err(Error::Backend("dot_norms returned the wrong number of values".into())),
+            _ => Err(Error::Backend(
+                "dot_norms returned the wrong number of values".into(),
+            )),
         }
     }
     /// `a + t · (b − a)`, fused (plugin-api 1.1).

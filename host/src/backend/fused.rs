@@ -74,19 +74,24 @@ fn round(c: Compute, xs: &mut [f32], h16: &mut [f16], hb16: &mut [bf16]) {
 }
 
 /// The magnitude key of a compute-dtype value: its bits without the sign, so that keys order
-/// like magnitudes (the f32 `total_cmp` order on `|x|`).
+/// like magnitudes (the f32 `total_cmp` order on `|x|`). For f16, `h16` must already hold `xs`
+/// as f16: [`delta_into`] leaves the δ it computed there, and every caller runs right after it.
 fn keys_of(c: Compute, xs: &[f32], keys: &mut [u32], h16: &mut [f16]) {
     let keys = &mut keys[..xs.len()];
     match c {
-        Compute::F32 => keys.iter_mut().zip(xs).for_each(|(k, x)| *k = x.to_bits() & 0x7FFF_FFFF),
+        Compute::F32 => keys
+            .iter_mut()
+            .zip(xs)
+            .for_each(|(k, x)| *k = x.to_bits() & 0x7FFF_FFFF),
         Compute::BF16 => keys
             .iter_mut()
             .zip(xs)
             .for_each(|(k, x)| *k = (x.to_bits() >> 16) & 0x7FFF),
         Compute::F16 => {
-            let t = &mut h16[..xs.len()];
-            t.convert_from_f32_slice(xs);
-            keys.iter_mut().zip(t.iter()).for_each(|(k, h)| *k = (h.to_bits() & 0x7FFF) as u32);
+            let t = &h16[..xs.len()];
+            keys.iter_mut()
+                .zip(t.iter())
+                .for_each(|(k, h)| *k = (h.to_bits() & 0x7FFF) as u32);
         }
     }
 }
@@ -95,8 +100,15 @@ fn keys_of(c: Compute, xs: &[f32], keys: &mut [u32], h16: &mut [f16]) {
 enum Mask {
     All,
     /// Keep keys above `thr`; at `thr`, all (`allow` None) or the first `allow[chunk]` of the chunk.
-    TopK { thr: u32, allow: Option<Vec<u32>> },
-    Bernoulli { p: f64, seed: u64, stream: u64 },
+    TopK {
+        thr: u32,
+        allow: Option<Vec<u32>>,
+    },
+    Bernoulli {
+        p: f64,
+        seed: u64,
+        stream: u64,
+    },
 }
 
 /// One task vector of a [`task_merge`] call.
@@ -139,7 +151,9 @@ fn chunks(n: usize) -> usize {
 
 /// δ = r(r(x) − b) for chunk `ci` into `bufs.x[slot]`; `bufs.base` must hold the base chunk.
 fn delta_into(c: Compute, v: &Vector<'_>, start: usize, len: usize, bufs: &mut Bufs, slot: usize) {
-    let Bufs { h16, hb16, base, x, .. } = bufs;
+    let Bufs {
+        h16, hb16, base, x, ..
+    } = bufs;
     let x = &mut x[slot][..len];
     v.view.read_f32(start, x);
     if !v.same_dtype {
@@ -208,7 +222,10 @@ fn topk_mask(c: Compute, base: &FloatSlice<'_>, v: &Vector<'_>, n: usize) -> Mas
         return Mask::All;
     }
     if k == 0 {
-        return Mask::TopK { thr: u32::MAX, allow: Some(vec![0; chunks(n)]) };
+        return Mask::TopK {
+            thr: u32::MAX,
+            allow: Some(vec![0; chunks(n)]),
+        };
     }
     let (thr, above, eq) = match c {
         Compute::F16 | Compute::BF16 => {
@@ -255,7 +272,10 @@ fn topk_mask(c: Compute, base: &FloatSlice<'_>, v: &Vector<'_>, n: usize) -> Mas
             a as u32
         })
         .collect();
-    Mask::TopK { thr, allow: Some(allow) }
+    Mask::TopK {
+        thr,
+        allow: Some(allow),
+    }
 }
 
 /// Applies the 0/1 mask as a multiplication (δ · m, as the op-by-op formula did) for chunk `ci`.
@@ -335,16 +355,14 @@ fn write_out<T: Copy + Send>(
     models: usize,
 ) -> Vec<T> {
     let mut out = vec![zero; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each_init(
-            || Bufs::new(models),
-            |bufs, (ci, o)| {
-                let start = ci * CHUNK;
-                body(ci, start, o.len(), bufs);
-                conv(&bufs.acc[..o.len()], o);
-            },
-        );
+    out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || Bufs::new(models),
+        |bufs, (ci, o)| {
+            let start = ci * CHUNK;
+            body(ci, start, o.len(), bufs);
+            conv(&bufs.acc[..o.len()], o);
+        },
+    );
     out
 }
 
@@ -403,7 +421,11 @@ pub fn task_merge(
         .iter()
         .map(|(t, _)| {
             if t.dims() != base.dims() {
-                candle_core::bail!("task_merge: a model is {:?} but the base is {:?}", t.dims(), base.dims());
+                candle_core::bail!(
+                    "task_merge: a model is {:?} but the base is {:?}",
+                    t.dims(),
+                    base.dims()
+                );
             }
             if !t.dtype().is_float() {
                 candle_core::bail!("task_merge: a model is {:?}", t.dtype());
@@ -434,7 +456,7 @@ pub fn task_merge(
     let out = task_merge_views(c, &base_view, &vectors, knobs, base.dims())?;
     drop(vectors);
     drop(guards);
-    drop(base_view);
+    let _ = base_view;
     drop(bg);
     out.to_device(base.device())
 }
@@ -480,9 +502,15 @@ pub fn lincomb(tensors: &[&Tensor], weights: &[f64], dtype: DType) -> candle_cor
     let Some(c) = Compute::of(dtype) else {
         candle_core::bail!("lincomb writes f32, f16 or bf16, not {dtype:?}");
     };
-    let cs = tensors.iter().map(|t| cpu(t)).collect::<candle_core::Result<Vec<_>>>()?;
+    let cs = tensors
+        .iter()
+        .map(|t| cpu(t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
-    let views = guards.iter().map(view_of).collect::<candle_core::Result<Vec<_>>>()?;
+    let views = guards
+        .iter()
+        .map(view_of)
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let w: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
     let n = views[0].len();
     let body = |_ci: usize, start: usize, len: usize, bufs: &mut Bufs| {
@@ -492,15 +520,23 @@ pub fn lincomb(tensors: &[&Tensor], weights: &[f64], dtype: DType) -> candle_cor
             let xs = &mut x[0][..len];
             v.read_f32(start, xs);
             if i == 0 {
-                acc.iter_mut().zip(xs.iter()).for_each(|(a, x)| *a = w[0] * *x + 0.0);
+                acc.iter_mut()
+                    .zip(xs.iter())
+                    .for_each(|(a, x)| *a = w[0] * *x + 0.0);
             } else {
-                acc.iter_mut().zip(xs.iter()).for_each(|(a, x)| *a += w[i] * *x + 0.0);
+                acc.iter_mut()
+                    .zip(xs.iter())
+                    .for_each(|(a, x)| *a += w[i] * *x + 0.0);
             }
         }
     };
     let dev = Device::Cpu;
     let out = match c {
-        Compute::F32 => Tensor::from_vec(write_out(n, 0f32, |a, o| o.copy_from_slice(a), body, 1), shape, &dev),
+        Compute::F32 => Tensor::from_vec(
+            write_out(n, 0f32, |a, o| o.copy_from_slice(a), body, 1),
+            shape,
+            &dev,
+        ),
         Compute::F16 => Tensor::from_vec(
             write_out(n, f16::ZERO, |a, o| o.convert_from_f32_slice(a), body, 1),
             shape,
@@ -537,7 +573,11 @@ pub fn task_merge_views(
             Ok(match v.sparsify {
                 sparsify_code::NONE => Mask::All,
                 sparsify_code::TOPK => topk_mask(c, base, v, n),
-                sparsify_code::BERNOULLI => Mask::Bernoulli { p: v.p, seed: v.seed, stream: v.stream },
+                sparsify_code::BERNOULLI => Mask::Bernoulli {
+                    p: v.p,
+                    seed: v.seed,
+                    stream: v.stream,
+                },
                 other => candle_core::bail!("task_merge: unknown sparsify code {other}"),
             })
         })
@@ -581,12 +621,20 @@ pub fn task_merge_views(
             bufs.x[i].resize(CHUNK, 0.0);
             vector_chunk(c, v, &masks[i], factors[i], ci, start, len, bufs, i);
         }
-        let Bufs { h16, hb16, base: b, x, acc, div, .. } = bufs;
+        let Bufs {
+            h16,
+            hb16,
+            base: b,
+            x,
+            acc,
+            div,
+            ..
+        } = bufs;
         let acc = &mut acc[..len];
         // Σᵢ aᵢ in f32, left to right, rounded once.
         acc.copy_from_slice(&x[0][..len]);
         for xi in &x[1..m] {
-            acc.iter_mut().zip(&xi[..len]).for_each(|(a, x)| *a = *x + *a);
+            acc.iter_mut().zip(&xi[..len]).for_each(|(a, x)| *a += *x);
         }
         round(c, acc, h16, hb16);
         if knobs.consensus {
@@ -616,7 +664,8 @@ pub fn task_merge_views(
             round(c, acc, h16, hb16);
             if knobs.normalize {
                 round(c, div, h16, hb16);
-                div.iter_mut().for_each(|d| *d += if *d == 0.0 { 1.0 } else { 0.0 });
+                div.iter_mut()
+                    .for_each(|d| *d += if *d == 0.0 { 1.0 } else { 0.0 });
                 round(c, div, h16, hb16);
                 acc.iter_mut().zip(div.iter()).for_each(|(a, d)| *a /= *d);
                 round(c, acc, h16, hb16);
@@ -629,7 +678,7 @@ pub fn task_merge_views(
             acc.iter_mut().for_each(|a| *a = *a * l + 0.0);
             round(c, acc, h16, hb16);
         }
-        acc.iter_mut().zip(&b[..len]).for_each(|(a, b)| *a = *b + *a);
+        acc.iter_mut().zip(&b[..len]).for_each(|(a, b)| *a += *b);
         round(c, acc, h16, hb16);
     };
     let dev = Device::Cpu;

@@ -235,9 +235,7 @@ unsafe fn fma_into_hw(acc: &mut [f32], xs: &[f32], w: f32) {
 /// Uniform in [0, 1) from a counter: SplitMix64 of (seed, stream, index). Independent of
 /// thread count and of the order in which tensors are processed.
 pub fn uniform(seed: u64, stream: u64, index: u64) -> f64 {
-    let mut z = seed
-        ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03)
-        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
@@ -250,7 +248,11 @@ pub fn bernoulli(n: usize, p: f64, seed: u64, stream: u64) -> Vec<f32> {
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
         let base = (ci * CHUNK) as u64;
         for (j, o) in chunk.iter_mut().enumerate() {
-            *o = if uniform(seed, stream, base + j as u64) < p { 1.0 } else { 0.0 };
+            *o = if uniform(seed, stream, base + j as u64) < p {
+                1.0
+            } else {
+                0.0
+            };
         }
     });
     out

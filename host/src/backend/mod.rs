@@ -203,7 +203,9 @@ unsafe extern "C" fn dup(_ctx: *const c_void, h: TensorHandle) -> FfiResult<Tens
 
 unsafe extern "C" fn dtype(_ctx: *const c_void, h: TensorHandle) -> u32 {
     // SAFETY: live handle.
-    unsafe { get(h) }.map(|t| dtype_code(t.tensor.dtype())).unwrap_or(u32::MAX)
+    unsafe { get(h) }
+        .map(|t| dtype_code(t.tensor.dtype()))
+        .unwrap_or(u32::MAX)
 }
 
 unsafe extern "C" fn shape(_ctx: *const c_void, h: TensorHandle) -> RVec<u64> {
@@ -262,7 +264,12 @@ unsafe extern "C" fn binary(
     })
 }
 
-unsafe extern "C" fn affine(_ctx: *const c_void, h: TensorHandle, mul: f64, add: f64) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn affine(
+    _ctx: *const c_void,
+    h: TensorHandle,
+    mul: f64,
+    add: f64,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         // SAFETY: live handle.
         let t = &unsafe { get(h) }?.tensor;
@@ -317,24 +324,37 @@ impl candle_core::InplaceOp2 for Axpy {
         src_l: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use candle_core::CpuStorage as S;
-        let (Some((ds, de)), Some((ss, se))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+        let (Some((ds, de)), Some((ss, se))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
             candle_core::bail!("axpy needs contiguous tensors");
         };
         match (dst, src) {
             (S::F32(y), S::F32(x)) => {
                 let a = self.0 as f32;
-                y[ds..de].iter_mut().zip(&x[ss..se]).for_each(|(y, x)| *y += a * *x);
+                y[ds..de]
+                    .iter_mut()
+                    .zip(&x[ss..se])
+                    .for_each(|(y, x)| *y += a * *x);
             }
             (S::F64(y), S::F64(x)) => {
-                y[ds..de].iter_mut().zip(&x[ss..se]).for_each(|(y, x)| *y += self.0 * *x);
+                y[ds..de]
+                    .iter_mut()
+                    .zip(&x[ss..se])
+                    .for_each(|(y, x)| *y += self.0 * *x);
             }
             (S::BF16(y), S::BF16(x)) => {
                 let a = half::bf16::from_f64(self.0);
-                y[ds..de].iter_mut().zip(&x[ss..se]).for_each(|(y, x)| *y += a * *x);
+                y[ds..de]
+                    .iter_mut()
+                    .zip(&x[ss..se])
+                    .for_each(|(y, x)| *y += a * *x);
             }
             (S::F16(y), S::F16(x)) => {
                 let a = half::f16::from_f64(self.0);
-                y[ds..de].iter_mut().zip(&x[ss..se]).for_each(|(y, x)| *y += a * *x);
+                y[ds..de]
+                    .iter_mut()
+                    .zip(&x[ss..se])
+                    .for_each(|(y, x)| *y += a * *x);
             }
             _ => candle_core::bail!("axpy needs two tensors of one float dtype"),
         }
@@ -342,7 +362,12 @@ impl candle_core::InplaceOp2 for Axpy {
     }
 }
 
-unsafe extern "C" fn axpy(_ctx: *const c_void, y: TensorHandle, alpha: f64, x: TensorHandle) -> FfiResult<u8> {
+unsafe extern "C" fn axpy(
+    _ctx: *const c_void,
+    y: TensorHandle,
+    alpha: f64,
+    x: TensorHandle,
+) -> FfiResult<u8> {
     guard(|| {
         // SAFETY: live handles; y is mutated only through its own HostTensor.
         let (yh, xt) = unsafe { (get(y)?, &get(x)?.tensor) };
@@ -356,7 +381,8 @@ unsafe extern "C" fn axpy(_ctx: *const c_void, y: TensorHandle, alpha: f64, x: T
             );
         }
         let y_ptr = y.0 as *mut HostTensor;
-        if !yh.exclusive.load(Ordering::Relaxed) || !yh.tensor.is_contiguous() || !yh.tensor.device().is_cpu() {
+        if !yh.exclusive.load(Ordering::Relaxed) || !yh.tensor.is_contiguous() || !yh.tensor.device().is_cpu()
+        {
             let updated = (&yh.tensor + xt.affine(alpha, 0.0)?)?;
             // SAFETY: the plugin holds the only handle to this HostTensor during the call.
             unsafe {
@@ -397,7 +423,11 @@ unsafe extern "C" fn dot(_ctx: *const c_void, a: TensorHandle, b: TensorHandle) 
         if a.elem_count() != b.elem_count() {
             candle_core::bail!("dot: {:?} vs {:?}", a.dims(), b.dims());
         }
-        Ok(f64_values(a)?.iter().zip(f64_values(b)?).map(|(x, y)| x * y).sum())
+        Ok(f64_values(a)?
+            .iter()
+            .zip(f64_values(b)?)
+            .map(|(x, y)| x * y)
+            .sum())
     })
 }
 
@@ -512,7 +542,11 @@ unsafe extern "C" fn to_vec_f32(_ctx: *const c_void, h: TensorHandle) -> FfiResu
     })
 }
 
-unsafe extern "C" fn reshape(_ctx: *const c_void, h: TensorHandle, shape: RSlice<'_, u64>) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn reshape(
+    _ctx: *const c_void,
+    h: TensorHandle,
+    shape: RSlice<'_, u64>,
+) -> FfiResult<TensorHandle> {
     shared(|| {
         // SAFETY: live handle.
         let t = &unsafe { get(h) }?.tensor;
@@ -520,7 +554,11 @@ unsafe extern "C" fn reshape(_ctx: *const c_void, h: TensorHandle, shape: RSlice
     })
 }
 
-unsafe extern "C" fn matmul(_ctx: *const c_void, a: TensorHandle, b: TensorHandle) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn matmul(
+    _ctx: *const c_void,
+    a: TensorHandle,
+    b: TensorHandle,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         // SAFETY: live handles.
         let (a, b) = unsafe { (&get(a)?.tensor, &get(b)?.tensor) };
@@ -538,7 +576,12 @@ unsafe extern "C" fn softmax_last(_ctx: *const c_void, h: TensorHandle) -> FfiRe
     })
 }
 
-unsafe extern "C" fn transpose(_ctx: *const c_void, h: TensorHandle, d0: u32, d1: u32) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn transpose(
+    _ctx: *const c_void,
+    h: TensorHandle,
+    d0: u32,
+    d1: u32,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         // SAFETY: live handle.
         let t = &unsafe { get(h) }?.tensor;
@@ -546,7 +589,13 @@ unsafe extern "C" fn transpose(_ctx: *const c_void, h: TensorHandle, d0: u32, d1
     })
 }
 
-unsafe extern "C" fn narrow(_ctx: *const c_void, h: TensorHandle, dim: u32, start: u64, len: u64) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn narrow(
+    _ctx: *const c_void,
+    h: TensorHandle,
+    dim: u32,
+    start: u64,
+    len: u64,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         // SAFETY: live handle.
         let t = &unsafe { get(h) }?.tensor;
@@ -554,7 +603,11 @@ unsafe extern "C" fn narrow(_ctx: *const c_void, h: TensorHandle, dim: u32, star
     })
 }
 
-unsafe extern "C" fn cat(_ctx: *const c_void, hs: RSlice<'_, TensorHandle>, dim: u32) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn cat(
+    _ctx: *const c_void,
+    hs: RSlice<'_, TensorHandle>,
+    dim: u32,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         let ts = hs
             .iter()
@@ -579,7 +632,12 @@ unsafe extern "C" fn reduce_last(_ctx: *const c_void, op: u32, h: TensorHandle) 
     })
 }
 
-unsafe extern "C" fn lerp(_ctx: *const c_void, a: TensorHandle, b: TensorHandle, t: f64) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn lerp(
+    _ctx: *const c_void,
+    a: TensorHandle,
+    b: TensorHandle,
+    t: f64,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         // SAFETY: live handles.
         let (a, b) = unsafe { (&get(a)?.tensor, &get(b)?.tensor) };
@@ -624,7 +682,10 @@ unsafe extern "C" fn bernoulli_probs(
     })
 }
 
-unsafe extern "C" fn task_merge(_ctx: *const c_void, req: *const ffi::TaskMergeRequest<'_>) -> FfiResult<TensorHandle> {
+unsafe extern "C" fn task_merge(
+    _ctx: *const c_void,
+    req: *const ffi::TaskMergeRequest<'_>,
+) -> FfiResult<TensorHandle> {
     fresh(|| {
         if req.is_null() {
             candle_core::bail!("task_merge: null request");
@@ -666,7 +727,11 @@ unsafe extern "C" fn task_merge(_ctx: *const c_void, req: *const ffi::TaskMergeR
     })
 }
 
-unsafe extern "C" fn dot_norms(_ctx: *const c_void, a: TensorHandle, b: TensorHandle) -> FfiResult<RVec<f64>> {
+unsafe extern "C" fn dot_norms(
+    _ctx: *const c_void,
+    a: TensorHandle,
+    b: TensorHandle,
+) -> FfiResult<RVec<f64>> {
     guard(|| {
         // SAFETY: live handles.
         let (a, b) = unsafe { (&get(a)?.tensor, &get(b)?.tensor) };

@@ -141,19 +141,11 @@ pub(crate) fn convert_bytes(
         (DType::F16, DType::F64) => Tensor::from_vec(to_f64::<f16>(bytes), shape, cpu),
         (DType::F32, DType::BF16) => Tensor::from_vec(from_f32::<bf16>(&typed(bytes)), shape, cpu),
         (DType::F32, DType::F16) => Tensor::from_vec(from_f32::<f16>(&typed(bytes)), shape, cpu),
-        (DType::BF16, DType::F16) => {
-            Tensor::from_vec(from_f32::<f16>(&to_f32::<bf16>(bytes)), shape, cpu)
-        }
-        (DType::F16, DType::BF16) => {
-            Tensor::from_vec(from_f32::<bf16>(&to_f32::<f16>(bytes)), shape, cpu)
-        }
+        (DType::BF16, DType::F16) => Tensor::from_vec(from_f32::<f16>(&to_f32::<bf16>(bytes)), shape, cpu),
+        (DType::F16, DType::BF16) => Tensor::from_vec(from_f32::<bf16>(&to_f32::<f16>(bytes)), shape, cpu),
         (DType::F64, DType::F32) => Tensor::from_vec(f64_to_f32(bytes), shape, cpu),
-        (DType::F64, DType::BF16) => {
-            Tensor::from_vec(from_f32::<bf16>(&f64_to_f32(bytes)), shape, cpu)
-        }
-        (DType::F64, DType::F16) => {
-            Tensor::from_vec(from_f32::<f16>(&f64_to_f32(bytes)), shape, cpu)
-        }
+        (DType::F64, DType::BF16) => Tensor::from_vec(from_f32::<bf16>(&f64_to_f32(bytes)), shape, cpu),
+        (DType::F64, DType::F16) => Tensor::from_vec(from_f32::<f16>(&f64_to_f32(bytes)), shape, cpu),
         (DType::F32, DType::F64) => {
             let v: Vec<f64> = typed::<f32>(bytes).iter().map(|&x| f64::from(x)).collect();
             Tensor::from_vec(v, shape, cpu)
@@ -174,10 +166,7 @@ unsafe fn as_bytes<T>(s: &[T]) -> &[u8] {
 
 /// Runs `f` on the contiguous little-endian bytes of `tensor`, moving it to the CPU and making it
 /// contiguous first if needed (otherwise without copying).
-pub(crate) fn with_tensor_bytes<R>(
-    tensor: &Tensor,
-    f: impl FnOnce(&[u8]) -> R,
-) -> candle_core::Result<R> {
+pub(crate) fn with_tensor_bytes<R>(tensor: &Tensor, f: impl FnOnce(&[u8]) -> R) -> candle_core::Result<R> {
     let tensor = tensor.to_device(&Device::Cpu)?.contiguous()?;
     let (storage, layout) = tensor.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -247,8 +236,7 @@ mod tests {
         ];
         // Enough values to take the parallel path too.
         values.extend(
-            (0..PARALLEL_MIN as u32 + 7)
-                .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) & 0x7f7f_ffff)),
+            (0..PARALLEL_MIN as u32 + 7).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) & 0x7f7f_ffff)),
         );
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let t = convert_bytes(&bytes, DType::F32, DType::BF16, &[values.len()])
@@ -282,12 +270,7 @@ mod tests {
     fn f32_to_f16_rounds_to_nearest_even() {
         // 1 + 2^-11 is exactly halfway between 1 and the next f16: ties to even (1.0);
         // 1 + 3·2^-11 is halfway between two neighbours whose upper is even.
-        let values = [
-            1.0 + 2f32.powi(-11),
-            1.0 + 3.0 * 2f32.powi(-11),
-            70000.0,
-            6.0e-8,
-        ];
+        let values = [1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 70000.0, 6.0e-8];
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let t = convert_bytes(&bytes, DType::F32, DType::F16, &[4])
             .expect("handled pair")

@@ -327,9 +327,7 @@ pub enum CheckpointError {
     },
 
     /// The writer's plan lists one tensor twice.
-    #[error(
-        "the output plan for {target} lists tensor `{tensor}` twice; each name must be planned once"
-    )]
+    #[error("the output plan for {target} lists tensor `{tensor}` twice; each name must be planned once")]
     DuplicateInPlan {
         /// The output directory.
         target: PathBuf,
@@ -461,11 +459,7 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         CheckpointError::Io {
             action,
             path: path.into(),

@@ -74,9 +74,7 @@ pub(crate) fn st_dtype(name: &str) -> Option<DType> {
 
 /// Number of bytes of a tensor, `None` on overflow.
 pub(crate) fn byte_len(dtype: DType, shape: &[usize]) -> Option<u64> {
-    let numel = shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
     numel.checked_mul(dtype.size_in_bytes() as u64)
 }
 
@@ -148,8 +146,8 @@ pub(crate) fn parse_header(bytes: &[u8], path: &Path) -> Result<ParsedHeader, Ch
         reason,
     };
     let header_bytes = &bytes[LEN_PREFIX as usize..data_start as usize];
-    let header_text = std::str::from_utf8(header_bytes)
-        .map_err(|e| invalid(format!("the header is not UTF-8 ({e})")))?;
+    let header_text =
+        std::str::from_utf8(header_bytes).map_err(|e| invalid(format!("the header is not UTF-8 ({e})")))?;
     let RawHeader(pairs) = serde_json::from_str(header_text)
         .map_err(|e| invalid(format!("the header is not a JSON object ({e})")))?;
 
@@ -248,10 +246,7 @@ pub(crate) fn parse_header(bytes: &[u8], path: &Path) -> Result<ParsedHeader, Ch
         }
     }
 
-    Ok(ParsedHeader {
-        data_start,
-        entries,
-    })
+    Ok(ParsedHeader { data_start, entries })
 }
 
 /// One tensor of a shard to be written; offsets relative to the data section.
@@ -371,10 +366,7 @@ mod tests {
                 r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
                 "end before",
             ),
-            (
-                r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,4]}}"#,
-                "Q4",
-            ),
+            (r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,4]}}"#, "Q4"),
             (
                 r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
                 "8 bytes",

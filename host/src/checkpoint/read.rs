@@ -65,10 +65,7 @@ impl fmt::Debug for Checkpoint {
         f.debug_struct("Checkpoint")
             .field("dir", &self.dir)
             .field("architectures", &self.architectures())
-            .field(
-                "shards",
-                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
-            )
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
             .field("tensors", &self.order.len())
             .finish()
     }
@@ -143,10 +140,7 @@ impl Checkpoint {
                     });
                 }
             }
-            let unlisted = order
-                .iter()
-                .filter(|n| !weight_map.contains_key(*n))
-                .count();
+            let unlisted = order.iter().filter(|n| !weight_map.contains_key(*n)).count();
             if unlisted > 0 {
                 tracing::warn!(
                     index = %index.display(),
@@ -186,12 +180,7 @@ impl Checkpoint {
         self.config
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default()
     }
 
@@ -200,10 +189,7 @@ impl Checkpoint {
     pub fn num_hidden_layers(&self) -> Option<usize> {
         let c = &self.config;
         c.get("num_hidden_layers")
-            .or_else(|| {
-                c.get("text_config")
-                    .and_then(|t| t.get("num_hidden_layers"))
-            })
+            .or_else(|| c.get("text_config").and_then(|t| t.get("num_hidden_layers")))
             .or_else(|| c.get("n_layer"))
             .and_then(Value::as_u64)
             .and_then(|n| usize::try_from(n).ok())
@@ -261,12 +247,12 @@ impl Checkpoint {
     pub fn load(&self, name: &str) -> Result<Tensor, CheckpointError> {
         let e = self.entry(name)?;
         let bytes = &self.shards[e.shard].mmap[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, e.info.dtype, &e.info.shape, &Device::Cpu).map_err(
-            |source| CheckpointError::Candle {
+        let t = Tensor::from_raw_buffer(bytes, e.info.dtype, &e.info.shape, &Device::Cpu).map_err(|source| {
+            CheckpointError::Candle {
                 tensor: name.to_string(),
                 source,
-            },
-        );
+            }
+        });
         self.release_pages(e);
         t
     }
@@ -336,11 +322,10 @@ fn read_config(path: &Path) -> Result<Value, CheckpointError> {
         }
         Err(e) => return Err(CheckpointError::io("read", path, e)),
     };
-    let config: Value =
-        serde_json::from_slice(&text).map_err(|source| CheckpointError::ConfigInvalid {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let config: Value = serde_json::from_slice(&text).map_err(|source| CheckpointError::ConfigInvalid {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if !config.is_object() {
         return Err(CheckpointError::ConfigNotObject {
             path: path.to_path_buf(),
@@ -488,9 +473,10 @@ fn is_complete_series(names: &[String]) -> bool {
     let Some(parsed) = names.iter().map(|n| parse(n)).collect::<Option<Vec<_>>>() else {
         return false;
     };
-    parsed.iter().enumerate().all(|(i, (prefix, part, total))| {
-        *prefix == parsed[0].0 && *part == i + 1 && *total == names.len()
-    })
+    parsed
+        .iter()
+        .enumerate()
+        .all(|(i, (prefix, part, total))| *prefix == parsed[0].0 && *part == i + 1 && *total == names.len())
 }
 
 fn read_index(path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
@@ -499,8 +485,7 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
         reason,
     };
     let text = std::fs::read(path).map_err(|e| CheckpointError::io("read", path, e))?;
-    let index: Value =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("not valid JSON ({e})")))?;
+    let index: Value = serde_json::from_slice(&text).map_err(|e| invalid(format!("not valid JSON ({e})")))?;
     let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
         return Err(invalid("it has no `weight_map` object".into()));
     };
@@ -513,8 +498,7 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
         };
         // Only plain names inside the model directory: no `../` escapes, no absolute paths.
         let mut components = Path::new(shard).components();
-        let plain =
-            matches!(components.next(), Some(Component::Normal(_))) && components.next().is_none();
+        let plain = matches!(components.next(), Some(Component::Normal(_))) && components.next().is_none();
         if !plain {
             return Err(invalid(format!(
                 "weight_map[`{tensor}`] = `{shard}` is not a file name inside the model directory"

@@ -98,10 +98,7 @@ fn remove_stale_partials(parent: &Path, target_name: &str) -> Result<(), Checkpo
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         let path = entry.path();
@@ -141,9 +138,7 @@ fn checked_relative<'a>(target: &Path, name: &'a str) -> Result<&'a Path, Checkp
     };
     let path = Path::new(name);
     if name.is_empty() {
-        return Err(invalid(
-            "the name is empty; give a file name such as config.json",
-        ));
+        return Err(invalid("the name is empty; give a file name such as config.json"));
     }
     if !path.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(invalid(
@@ -245,11 +240,7 @@ impl CheckpointWriter {
 
         std::fs::create_dir_all(&parent).map_err(|e| CheckpointError::io("create", &parent, e))?;
         remove_stale_partials(&parent, &target_name)?;
-        let temp = parent.join(format!(
-            "{}{}",
-            partial_prefix(&target_name),
-            std::process::id()
-        ));
+        let temp = parent.join(format!("{}{}", partial_prefix(&target_name), std::process::id()));
         match std::fs::create_dir(&temp) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -505,9 +496,8 @@ impl CheckpointWriter {
                 "metadata": { "total_size": total_size },
                 "weight_map": weight_map,
             });
-            let mut text = serde_json::to_vec_pretty(&index).map_err(|e| {
-                CheckpointError::io("serialise", self.temp.join(INDEX_FILE), e.into())
-            })?;
+            let mut text = serde_json::to_vec_pretty(&index)
+                .map_err(|e| CheckpointError::io("serialise", self.temp.join(INDEX_FILE), e.into()))?;
             text.push(b'\n');
             self.write_file_unchecked(INDEX_FILE, &text)?;
         }

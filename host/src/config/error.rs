@@ -162,10 +162,7 @@ fn location(file: Option<&Path>, line: Option<u32>, column: Option<u32>) -> Stri
 /// Turns a serde_yaml error into a [`ConfigError`], recognising unknown keys.
 pub(crate) fn from_yaml_error(err: &serde_yaml::Error) -> ConfigError {
     let (line, column) = match err.location() {
-        Some(loc) => (
-            u32::try_from(loc.line()).ok(),
-            u32::try_from(loc.column()).ok(),
-        ),
+        Some(loc) => (u32::try_from(loc.line()).ok(), u32::try_from(loc.column()).ok()),
         None => (None, None),
     };
     let full = err.to_string();
@@ -231,10 +228,7 @@ fn parse_unknown_field(message: &str) -> Option<UnknownField> {
 }
 
 /// The known key closest to `key`, when it is close enough to be a likely typo.
-pub(crate) fn did_you_mean<'a>(
-    key: &str,
-    known: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
+pub(crate) fn did_you_mean<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let key_l = key.to_ascii_lowercase();
     let mut best: Option<(usize, &str)> = None;
     for k in known {
@@ -272,10 +266,7 @@ mod tests {
     fn did_you_mean_finds_typos_and_ignores_unrelated_words() {
         let known = ["merge_method", "models", "slices", "parameters", "dtype"];
         assert_eq!(did_you_mean("modles", known).as_deref(), Some("models"));
-        assert_eq!(
-            did_you_mean("paramters", known).as_deref(),
-            Some("parameters")
-        );
+        assert_eq!(did_you_mean("paramters", known).as_deref(), Some("parameters"));
         assert_eq!(
             did_you_mean("merge-method", known).as_deref(),
             Some("merge_method")
@@ -285,10 +276,8 @@ mod tests {
 
     #[test]
     fn unknown_field_messages_are_parsed_with_their_section() {
-        let u = parse_unknown_field(
-            "models[0]: unknown field `paramters`, expected `model` or `parameters`",
-        )
-        .expect("recognised");
+        let u = parse_unknown_field("models[0]: unknown field `paramters`, expected `model` or `parameters`")
+            .expect("recognised");
         assert_eq!(u.section, "models[0]");
         assert_eq!(u.key, "paramters");
         assert_eq!(u.expected, ["model", "parameters"]);

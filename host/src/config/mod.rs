@@ -52,9 +52,7 @@ use serde_json::{Map, Value as Json};
 pub use error::ConfigError;
 pub use flags::{parse_model_flag, parse_param_flag, parse_param_value};
 pub use moe::{AnyConfig, GateMode, MoeConfig, MoeExpert};
-pub use params::{
-    resolve_layered, resolve_params, ConditionalValue, ParamMap, ParamValue, TensorSite,
-};
+pub use params::{resolve_layered, resolve_params, ConditionalValue, ParamMap, ParamValue, TensorSite};
 
 /// One entry of `models:`: a model and its model-specific parameters (weight, density, ...).
 #[derive(Debug, Clone, PartialEq)]
@@ -193,10 +191,7 @@ impl MergeConfig {
             tokenizer_tokens: None,
             pad_to_multiple_of: None,
         };
-        cfg.source_text = format!(
-            "# rendered by mglue from command-line flags\n{}",
-            cfg.to_yaml()
-        );
+        cfg.source_text = format!("# rendered by mglue from command-line flags\n{}", cfg.to_yaml());
         cfg
     }
 
@@ -284,10 +279,7 @@ impl MergeConfig {
             return self.global_params(site);
         };
         match slice.sources.get(source_index) {
-            Some(src) => resolve_layered(
-                &[&src.parameters, &slice.parameters, &self.parameters],
-                site,
-            ),
+            Some(src) => resolve_layered(&[&src.parameters, &slice.parameters, &self.parameters], site),
             None => resolve_layered(&[&slice.parameters, &self.parameters], site),
         }
     }

@@ -136,7 +136,10 @@ impl MoeConfig {
         let gate_mode = match raw.gate_mode.as_deref() {
             None => GateMode::Hidden,
             Some(g) => GateMode::parse(g).ok_or_else(|| {
-                invalid("gate_mode", format!("unknown gate mode {g:?}; use hidden, cheap_embed, random or uniform_random"))
+                invalid(
+                    "gate_mode",
+                    format!("unknown gate mode {g:?}; use hidden, cheap_embed, random or uniform_random"),
+                )
             })?,
         };
         let dtype = raw

@@ -116,9 +116,7 @@ impl ParamValue {
     /// Parses a YAML parameter value in mergekit's schema; `key` is only used in messages.
     pub(crate) fn from_yaml(key: &str, value: &Yaml) -> Result<ParamValue, String> {
         match value {
-            Yaml::Mapping(_) => Ok(ParamValue::Conditional(vec![conditional_entry(
-                key, value,
-            )?])),
+            Yaml::Mapping(_) => Ok(ParamValue::Conditional(vec![conditional_entry(key, value)?])),
             Yaml::Sequence(items) if items.iter().any(|v| matches!(v, Yaml::Mapping(_))) => {
                 if !items.iter().all(|v| matches!(v, Yaml::Mapping(_))) {
                     return Err(format!(
@@ -224,9 +222,7 @@ fn yaml_number(x: f64) -> Yaml {
 
 fn conditional_entry(key: &str, value: &Yaml) -> Result<ConditionalValue, String> {
     let Yaml::Mapping(m) = value else {
-        return Err(format!(
-            "parameter `{key}`: a filtered entry must be a mapping"
-        ));
+        return Err(format!("parameter `{key}`: a filtered entry must be a mapping"));
     };
     let mut filter = None;
     let mut val = None;
@@ -336,15 +332,11 @@ impl<'de> serde::Deserialize<'de> for YamlParams {
             fn visit_unit<E: serde::de::Error>(self) -> Result<YamlParams, E> {
                 Ok(YamlParams(ParamMap::new()))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<YamlParams, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<YamlParams, A::Error> {
                 let mut out = ParamMap::new();
                 while let Some(key) = map.next_key::<String>()? {
                     let value: Yaml = map.next_value()?;
-                    let parsed =
-                        ParamValue::from_yaml(&key, &value).map_err(serde::de::Error::custom)?;
+                    let parsed = ParamValue::from_yaml(&key, &value).map_err(serde::de::Error::custom)?;
                     if out.insert(key.clone(), parsed).is_some() {
                         return Err(serde::de::Error::custom(format!(
                             "parameter `{key}` is given twice"

@@ -95,11 +95,7 @@ pub(crate) fn top_level_line(text: &str, key: &str) -> Option<u32> {
         .position(|l| {
             let l = l.strip_prefix(['"', '\'']).unwrap_or(l);
             l.strip_prefix(key)
-                .map(|rest| {
-                    rest.trim_start_matches(['"', '\''])
-                        .trim_start()
-                        .starts_with(':')
-                })
+                .map(|rest| rest.trim_start_matches(['"', '\'']).trim_start().starts_with(':'))
                 .unwrap_or(false)
         })
         .and_then(|i| u32::try_from(i + 1).ok())
@@ -231,18 +227,19 @@ pub(crate) fn parse_merge_config(text: &str, base_dir: &Path) -> Result<MergeCon
         });
     }
 
-    let base_model = raw
-        .base_model
-        .map(|b| resolve("base_model", &b))
-        .transpose()?;
+    let base_model = raw.base_model.map(|b| resolve("base_model", &b)).transpose()?;
 
     let parse_dtype = |key: &str, name: Option<String>| -> Result<Option<DType>, ConfigError> {
-        name.map(|n| dtype_from_name(&n).ok_or_else(|| {
-            invalid(
-                key,
-                format!("unsupported dtype {n:?}; use float32, bfloat16 or float16 (or fp32, bf16, fp16)"),
-            )
-        }))
+        name.map(|n| {
+            dtype_from_name(&n).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!(
+                        "unsupported dtype {n:?}; use float32, bfloat16 or float16 (or fp32, bf16, fp16)"
+                    ),
+                )
+            })
+        })
         .transpose()
     };
     let dtype = parse_dtype("dtype", raw.dtype)?;
@@ -263,35 +260,28 @@ pub(crate) fn parse_merge_config(text: &str, base_dir: &Path) -> Result<MergeCon
             model => TokenizerSource::Model(resolve(key, model)?),
         })
     };
-    let (tokenizer_source, tokenizer_tokens, pad_to_multiple_of) =
-        match (raw.tokenizer_source, raw.tokenizer) {
-            (Some(s), _) => (
-                Some(tokenizer_source_of("tokenizer_source", &s)?),
-                None,
-                None,
-            ),
-            (None, Some(t)) => {
-                // mergekit's TokenizerConfig defaults `source` to "union".
-                let source = tokenizer_source_of(
-                    "tokenizer.source",
-                    t.source.as_deref().unwrap_or("union"),
-                )?;
-                let tokens = t
-                    .tokens
-                    .filter(|v| !v.is_null())
-                    .map(|v| {
-                        serde_json::to_value(&v).map_err(|e| {
-                            invalid(
-                                "tokenizer.tokens",
-                                format!("cannot be represented as JSON ({e}); use string keys"),
-                            )
-                        })
+    let (tokenizer_source, tokenizer_tokens, pad_to_multiple_of) = match (raw.tokenizer_source, raw.tokenizer)
+    {
+        (Some(s), _) => (Some(tokenizer_source_of("tokenizer_source", &s)?), None, None),
+        (None, Some(t)) => {
+            // mergekit's TokenizerConfig defaults `source` to "union".
+            let source = tokenizer_source_of("tokenizer.source", t.source.as_deref().unwrap_or("union"))?;
+            let tokens = t
+                .tokens
+                .filter(|v| !v.is_null())
+                .map(|v| {
+                    serde_json::to_value(&v).map_err(|e| {
+                        invalid(
+                            "tokenizer.tokens",
+                            format!("cannot be represented as JSON ({e}); use string keys"),
+                        )
                     })
-                    .transpose()?;
-                (Some(source), tokens, t.pad_to_multiple_of)
-            }
-            (None, None) => (None, None, None),
-        };
+                })
+                .transpose()?;
+            (Some(source), tokens, t.pad_to_multiple_of)
+        }
+        (None, None) => (None, None, None),
+    };
 
     Ok(MergeConfig {
         merge_method,
@@ -312,9 +302,7 @@ pub(crate) fn parse_merge_config(text: &str, base_dir: &Path) -> Result<MergeCon
 /// Resolves a model reference from a config against `base_dir` (absolute paths are kept).
 pub(crate) fn model_path(s: &str, base_dir: &Path) -> Result<PathBuf, String> {
     if s.trim().is_empty() {
-        return Err(
-            "the model path is empty; give a directory with config.json and safetensors".into(),
-        );
+        return Err("the model path is empty; give a directory with config.json and safetensors".into());
     }
     if s.contains('+') {
         return Err(format!(

@@ -115,7 +115,9 @@ impl ScoreCache {
     /// Opens (creating it if needed) a cache directory.
     pub fn open(dir: &Path) -> Result<ScoreCache, EvalError> {
         std::fs::create_dir_all(dir).map_err(|e| EvalError::io("create directory", dir, e))?;
-        Ok(ScoreCache { dir: dir.to_path_buf() })
+        Ok(ScoreCache {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The directory.
@@ -137,7 +139,12 @@ impl ScoreCache {
 
     /// The cached result, if any. An unreadable entry is reported and treated as absent (it is
     /// overwritten by the next [`ScoreCache::store`]).
-    pub fn load(&self, model: &ModelKey, task: &Task, settings: &str) -> Result<Option<TaskResult>, EvalError> {
+    pub fn load(
+        &self,
+        model: &ModelKey,
+        task: &Task,
+        settings: &str,
+    ) -> Result<Option<TaskResult>, EvalError> {
         let path = self.path(model, task, settings);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -145,7 +152,11 @@ impl ScoreCache {
             Err(e) => return Err(EvalError::io("read", &path, e)),
         };
         match serde_json::from_slice::<Entry>(&bytes) {
-            Ok(e) if e.model == *model && e.settings == settings && e.result.fingerprint == task.fingerprint() => {
+            Ok(e)
+                if e.model == *model
+                    && e.settings == settings
+                    && e.result.fingerprint == task.fingerprint() =>
+            {
                 Ok(Some(e.result))
             }
             Ok(_) => Ok(None),
@@ -157,7 +168,13 @@ impl ScoreCache {
     }
 
     /// Stores `result` (replacing what was there).
-    pub fn store(&self, model: &ModelKey, settings: &str, task: &Task, result: &TaskResult) -> Result<(), EvalError> {
+    pub fn store(
+        &self,
+        model: &ModelKey,
+        settings: &str,
+        task: &Task,
+        result: &TaskResult,
+    ) -> Result<(), EvalError> {
         let path = self.path(model, task, settings);
         let dir = path.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(dir).map_err(|e| EvalError::io("create directory", dir, e))?;
@@ -186,6 +203,12 @@ impl ScoreCache {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }

@@ -35,7 +35,12 @@ pub struct Generation {
 impl<'m> Generator<'m> {
     /// Prompts are cut to their last `max_length - max_gen_toks` tokens (lm-eval's rule);
     /// `batch_size` prompts decode together.
-    pub fn new(model: &'m Model, tokenizer: &'m EvalTokenizer, max_length: usize, batch_size: usize) -> Generator<'m> {
+    pub fn new(
+        model: &'m Model,
+        tokenizer: &'m EvalTokenizer,
+        max_length: usize,
+        batch_size: usize,
+    ) -> Generator<'m> {
         Generator {
             model,
             tokenizer,
@@ -78,12 +83,20 @@ impl<'m> Generator<'m> {
         Ok(out.into_iter().flatten().collect())
     }
 
-    fn generate_batch(&self, prompts: &[&[u32]], until: &[String], max_gen_toks: usize) -> Result<Vec<Generation>, EvalError> {
+    fn generate_batch(
+        &self,
+        prompts: &[&[u32]],
+        until: &[String],
+        max_gen_toks: usize,
+    ) -> Result<Vec<Generation>, EvalError> {
         let device = self.model.embeddings().device();
         let eot = self.tokenizer.eot_token_id();
         let (ids, mask) = pad_batch(prompts, Padding::Left, 0, device)?;
         let mut cache = KvCache::new();
-        let mut logits = self.model.forward_with(&ids, Some(&mask), &mut cache, false)?.logits;
+        let mut logits = self
+            .model
+            .forward_with(&ids, Some(&mask), &mut cache, false)?
+            .logits;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut finished = vec![max_gen_toks == 0; prompts.len()];
         for _ in 0..max_gen_toks {
@@ -98,7 +111,8 @@ impl<'m> Generator<'m> {
                 }
                 tokens[r].push(t);
                 let text = self.tokenizer.decode(&tokens[r])?;
-                finished[r] = tokens[r].len() >= max_gen_toks || until.iter().any(|s| text.contains(s.as_str()));
+                finished[r] =
+                    tokens[r].len() >= max_gen_toks || until.iter().any(|s| text.contains(s.as_str()));
             }
             if finished.iter().all(|&f| f) {
                 break;
@@ -111,9 +125,13 @@ impl<'m> Generator<'m> {
             .iter()
             .zip(tokens)
             .map(|(p, t)| {
-                let text = self.tokenizer.inner().decode(&t, true).map_err(|e| EvalError::Tokenizer {
-                    reason: format!("cannot decode a generation: {e}"),
-                })?;
+                let text = self
+                    .tokenizer
+                    .inner()
+                    .decode(&t, true)
+                    .map_err(|e| EvalError::Tokenizer {
+                        reason: format!("cannot decode a generation: {e}"),
+                    })?;
                 Ok(Generation {
                     text: cut_at_stops(&text, until),
                     n_ctx_tokens: p.len(),
@@ -126,7 +144,10 @@ impl<'m> Generator<'m> {
 
 /// Argmax (first on ties) of the last position of each row of `[batch, len, vocab]` logits.
 fn last_argmax(logits: &Tensor) -> Result<Vec<u32>, EvalError> {
-    let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
+    let last = logits
+        .narrow(1, logits.dim(1)? - 1, 1)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?;
     // candle's argmax is not specified on ties; do it on the host to take the first.
     let rows = last.to_vec2::<f32>()?;
     Ok(rows
@@ -189,7 +210,8 @@ impl AnswerRules {
 
     /// Whether `answer` equals `target` after normalisation.
     pub(crate) fn matches(&self, answer: &str, target: &str) -> bool {
-        normalize_answer(answer, &self.ignore, self.ignore_case) == normalize_answer(target, &self.ignore, self.ignore_case)
+        normalize_answer(answer, &self.ignore, self.ignore_case)
+            == normalize_answer(target, &self.ignore, self.ignore_case)
     }
 }
 

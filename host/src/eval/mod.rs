@@ -50,7 +50,9 @@ mod tokenize;
 
 pub use cache::{ModelKey, ScoreCache};
 pub use generate::{cut_at_stops, normalize_answer, Generation, Generator, INVALID_ANSWER};
-pub use metrics::{mean_stderr, ChoiceResult, EvalReport, GenerationResult, ItemResult, MetricValue, TaskResult};
+pub use metrics::{
+    mean_stderr, ChoiceResult, EvalReport, GenerationResult, ItemResult, MetricValue, TaskResult,
+};
 pub use run::{EvalOptions, Evaluator, DEFAULT_MAX_LENGTH};
 pub use score::{Batching, Loglik, Scorer, TokenRequest};
 pub use task::{

@@ -169,7 +169,12 @@ impl<'a> Evaluator<'a> {
         Ok(result)
     }
 
-    fn score_choices(&self, task: &Task, items: &[Item], bar: &ProgressBar) -> Result<Vec<ItemResult>, EvalError> {
+    fn score_choices(
+        &self,
+        task: &Task,
+        items: &[Item],
+        bar: &ProgressBar,
+    ) -> Result<Vec<ItemResult>, EvalError> {
         let mut groups = Vec::with_capacity(items.len());
         let mut golds = Vec::with_capacity(items.len());
         for item in items {
@@ -189,13 +194,21 @@ impl<'a> Evaluator<'a> {
                 .iter()
                 .map(|r| {
                     let (context, continuation) = self.tokenizer.encode_pair(&r.context, &r.continuation)?;
-                    Ok(TokenRequest { context, continuation })
+                    Ok(TokenRequest {
+                        context,
+                        continuation,
+                    })
                 })
                 .collect::<Result<Vec<_>, EvalError>>()?;
             groups.push(group);
             golds.push((*gold, choice_len_chars.clone()));
         }
-        let scorer = Scorer::new(self.model, self.max_length(), self.opts.batching, self.opts.token_budget);
+        let scorer = Scorer::new(
+            self.model,
+            self.max_length(),
+            self.opts.batching,
+            self.opts.token_budget,
+        );
         let scores = scorer.score(&groups, &mut |n| bar.inc(n as u64))?;
         Ok(items
             .iter()
@@ -234,11 +247,19 @@ impl<'a> Evaluator<'a> {
                     targets.push(target.clone());
                 }
                 ItemRequests::Choices { .. } => {
-                    return Err(invalid(format!("item `{}` has choices in a generation task", item.id)))
+                    return Err(invalid(format!(
+                        "item `{}` has choices in a generation task",
+                        item.id
+                    )))
                 }
             }
         }
-        let generator = Generator::new(self.model, self.tokenizer, self.max_length(), self.opts.generation_batch);
+        let generator = Generator::new(
+            self.model,
+            self.tokenizer,
+            self.max_length(),
+            self.opts.generation_batch,
+        );
         let generations = generator.generate_until(&contexts, &spec.until, spec.max_gen_toks, &mut |n| {
             bar.inc(n as u64)
         })?;

@@ -150,7 +150,11 @@ impl<'m> Scorer<'m> {
 
     /// Each group: its longest common input prefix once (rows of one batch across groups), then
     /// for each request slot, the suffixes after a clone of that cache.
-    fn score_shared(&self, groups: &[Vec<Prepared>], done: &mut dyn FnMut(usize)) -> Result<Vec<Scored>, EvalError> {
+    fn score_shared(
+        &self,
+        groups: &[Vec<Prepared>],
+        done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Scored>, EvalError> {
         let prefix: Vec<usize> = groups.iter().map(|g| common_prefix(g)).collect();
         let suffix_max = |g: usize| {
             groups[g]
@@ -165,7 +169,11 @@ impl<'m> Scorer<'m> {
 
         let mut out: Vec<Scored> = groups
             .iter()
-            .map(|g| g.iter().map(|r| Vec::with_capacity(r.continuation.len())).collect())
+            .map(|g| {
+                g.iter()
+                    .map(|r| Vec::with_capacity(r.continuation.len()))
+                    .collect()
+            })
             .collect();
         let mut start = 0;
         while start < order.len() {
@@ -218,6 +226,8 @@ impl<'m> Scorer<'m> {
             }
         }
         let slots = chunk.iter().map(|&g| groups[g].len()).max().unwrap_or(0);
+        // `slot` picks the request of every group in the chunk, not an element of one slice.
+        #[allow(clippy::needless_range_loop)]
         for slot in 0..slots {
             let tails: Vec<&[u32]> = chunk
                 .iter()
@@ -246,7 +256,11 @@ impl<'m> Scorer<'m> {
     }
 
     /// Every request a full row; rows sorted longest first and packed into padded batches.
-    fn score_full(&self, groups: &[Vec<Prepared>], done: &mut dyn FnMut(usize)) -> Result<Vec<Scored>, EvalError> {
+    fn score_full(
+        &self,
+        groups: &[Vec<Prepared>],
+        done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Scored>, EvalError> {
         let device = self.model.embeddings().device();
         let mut reqs: Vec<(usize, usize)> = groups
             .iter()
@@ -296,7 +310,12 @@ fn common_prefix(group: &[Prepared]) -> usize {
 }
 
 /// `(log_softmax(logits[row, from + i])[targets[i]], targets[i] is the argmax)` for each target.
-fn score_rows(logits: &Tensor, row: usize, from: usize, targets: &[u32]) -> Result<Vec<(f64, bool)>, EvalError> {
+fn score_rows(
+    logits: &Tensor,
+    row: usize,
+    from: usize,
+    targets: &[u32],
+) -> Result<Vec<(f64, bool)>, EvalError> {
     if targets.is_empty() {
         return Ok(Vec::new());
     }
@@ -323,7 +342,9 @@ fn log_prob_and_greedy(logits: &[f32], target: usize) -> (f64, bool) {
     }
     let max = f64::from(logits[argmax]);
     let sum: f64 = logits.iter().map(|&v| (f64::from(v) - max).exp()).sum();
-    let lp = logits.get(target).map_or(f64::NEG_INFINITY, |&v| f64::from(v) - max - sum.ln());
+    let lp = logits
+        .get(target)
+        .map_or(f64::NEG_INFINITY, |&v| f64::from(v) - max - sum.ln());
     (lp, argmax == target)
 }
 

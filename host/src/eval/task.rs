@@ -407,7 +407,12 @@ impl Task {
         let mut h = Sha256::new();
         h.update(REQUEST_VERSION);
         let spec_json = serde_json::to_vec(&spec).map_err(|e| invalid(format!("cannot serialise: {e}")))?;
-        for part in [&spec_json[..], &data_bytes, &fewshot_bytes, &num_fewshot.to_le_bytes()] {
+        for part in [
+            &spec_json[..],
+            &data_bytes,
+            &fewshot_bytes,
+            &num_fewshot.to_le_bytes(),
+        ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
@@ -607,10 +612,8 @@ impl Task {
                     .map(|v| match v {
                         Value::String(s) => Ok(s.clone()),
                         Value::Number(n) => Ok(n.to_string()),
-                        other => Err(self.item_error(
-                            doc,
-                            format!("choice {other} of field `{field}` is not a string"),
-                        )),
+                        other => Err(self
+                            .item_error(doc, format!("choice {other} of field `{field}` is not a string"))),
                     })
                     .collect(),
                 Some(other) => Err(self.item_error(
@@ -775,7 +778,12 @@ match = "subject"
             MC_ROW,
         );
         let item = t.item(0).expect("item");
-        let ItemRequests::Choices { requests, gold, choice_len_chars } = item.requests else {
+        let ItemRequests::Choices {
+            requests,
+            gold,
+            choice_len_chars,
+        } = item.requests
+        else {
             panic!("choices expected")
         };
         let ctx = "The following are multiple choice questions (with answers) about math.\n\n\
@@ -799,7 +807,12 @@ target = "answer_index"
             r#"{"id": "a", "question": "Q?", "choices": ["é1", "two"], "answer_index": "1"}"#,
         );
         let item = t.item(0).expect("item");
-        let ItemRequests::Choices { requests, gold, choice_len_chars } = item.requests else {
+        let ItemRequests::Choices {
+            requests,
+            gold,
+            choice_len_chars,
+        } = item.requests
+        else {
             panic!("choices expected")
         };
         assert_eq!(requests[0].context, "Question: Q?\nAnswer:");
@@ -821,7 +834,12 @@ target = "answer_index"
 "#,
             r#"{"id": "w", "question": "Sarah beat Maria so _ got  the cup. ", "choices": ["Sarah", "Maria"], "answer_index": 0}"#,
         );
-        let ItemRequests::Choices { requests, choice_len_chars, .. } = t.item(0).expect("item").requests else {
+        let ItemRequests::Choices {
+            requests,
+            choice_len_chars,
+            ..
+        } = t.item(0).expect("item").requests
+        else {
             panic!("choices expected")
         };
         assert_eq!(requests[0].context, "Sarah beat Maria so Sarah");
@@ -852,9 +870,14 @@ target = "answer_index"
     fn unknown_keys_are_refused_with_the_file_and_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.toml");
-        std::fs::write(&path, "name = \"x\"\nformat = \"partial\"\nfile = \"a\"\ntext = \"t\"\nchoise = \"c\"\n")
-            .expect("write");
-        let err = Task::load(&path, &TaskOptions::default()).expect_err("typo").to_string();
+        std::fs::write(
+            &path,
+            "name = \"x\"\nformat = \"partial\"\nfile = \"a\"\ntext = \"t\"\nchoise = \"c\"\n",
+        )
+        .expect("write");
+        let err = Task::load(&path, &TaskOptions::default())
+            .expect_err("typo")
+            .to_string();
         assert!(err.contains("t.toml") && err.contains("choise"), "{err}");
     }
 

@@ -25,8 +25,7 @@ impl Templates {
 
     /// Compiles `source` under `name`.
     pub(crate) fn add(&mut self, name: &str, source: &str) -> Result<(), minijinja::Error> {
-        self.env
-            .add_template_owned(name.to_string(), source.to_string())
+        self.env.add_template_owned(name.to_string(), source.to_string())
     }
 
     /// Renders template `name` with the fields of `doc`.
@@ -51,10 +50,15 @@ mod tests {
     #[test]
     fn python_string_methods_and_indexing_render_as_in_jinja2() {
         let mut t = Templates::new();
-        t.add("q", "{{question.strip()}}\nA. {{choices[0]}}\nAnswer:").expect("compiles");
-        t.add("d", "about {{subject.replace('_', ' ')}}.\n\n").expect("compiles");
+        t.add("q", "{{question.strip()}}\nA. {{choices[0]}}\nAnswer:")
+            .expect("compiles");
+        t.add("d", "about {{subject.replace('_', ' ')}}.\n\n")
+            .expect("compiles");
         assert_eq!(t.render("q", &doc()).expect("renders"), "Why?\nA. a\nAnswer:");
-        assert_eq!(t.render("d", &doc()).expect("renders"), "about high school physics.\n\n");
+        assert_eq!(
+            t.render("d", &doc()).expect("renders"),
+            "about high school physics.\n\n"
+        );
     }
 
     #[test]

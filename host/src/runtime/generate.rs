@@ -25,7 +25,14 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new(), eos: Vec::new() }
+        GenerateOptions {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            eos: Vec::new(),
+        }
     }
 }
 
@@ -104,7 +111,9 @@ pub fn generate(
     decode: impl Fn(&[u32]) -> String,
 ) -> Result<Generation, RuntimeError> {
     if prompt.is_empty() {
-        return Err(RuntimeError::Input { reason: "the prompt has no tokens".into() });
+        return Err(RuntimeError::Input {
+            reason: "the prompt has no tokens".into(),
+        });
     }
     let device = model.embeddings().device().clone();
     let mut cache = KvCache::new();
@@ -113,21 +122,38 @@ pub fn generate(
     for step in 0..opts.max_new_tokens {
         let ids = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;
         let out = model.forward_with(&ids, None, &mut cache, false)?;
-        let last = out.logits.get(0)?.get(input.len() - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let last = out
+            .logits
+            .get(0)?
+            .get(input.len() - 1)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         let next = pick(&last, opts, step as u64);
         if opts.eos.contains(&next) {
-            return Ok(Generation { text: decode(&tokens), tokens, reason: StopReason::Eos });
+            return Ok(Generation {
+                text: decode(&tokens),
+                tokens,
+                reason: StopReason::Eos,
+            });
         }
         tokens.push(next);
         if !opts.stop.is_empty() {
             let text = decode(&tokens);
             if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                return Ok(Generation { text: text[..cut].to_string(), tokens, reason: StopReason::StopString });
+                return Ok(Generation {
+                    text: text[..cut].to_string(),
+                    tokens,
+                    reason: StopReason::StopString,
+                });
             }
         }
         input = vec![next];
     }
-    Ok(Generation { text: decode(&tokens), tokens, reason: StopReason::Length })
+    Ok(Generation {
+        text: decode(&tokens),
+        tokens,
+        reason: StopReason::Length,
+    })
 }
 
 #[cfg(test)]
@@ -138,12 +164,27 @@ mod tests {
     fn greedy_picks_the_argmax_and_sampling_is_reproducible() {
         let logits = [0.1f32, 2.0, -1.0, 1.9];
         assert_eq!(pick(&logits, &GenerateOptions::default(), 0), 1);
-        let opts = GenerateOptions { temperature: 1.0, seed: 9, ..GenerateOptions::default() };
+        let opts = GenerateOptions {
+            temperature: 1.0,
+            seed: 9,
+            ..GenerateOptions::default()
+        };
         let a: Vec<u32> = (0..50).map(|s| pick(&logits, &opts, s)).collect();
         let b: Vec<u32> = (0..50).map(|s| pick(&logits, &opts, s)).collect();
         assert_eq!(a, b);
-        assert!(a.contains(&3) && a.contains(&1), "samples both likely tokens: {a:?}");
-        let nucleus = GenerateOptions { temperature: 1.0, top_p: 0.3, seed: 9, ..GenerateOptions::default() };
-        assert!((0..50).all(|s| pick(&logits, &nucleus, s) == 1), "top_p 0.3 keeps only the best token");
+        assert!(
+            a.contains(&3) && a.contains(&1),
+            "samples both likely tokens: {a:?}"
+        );
+        let nucleus = GenerateOptions {
+            temperature: 1.0,
+            top_p: 0.3,
+            seed: 9,
+            ..GenerateOptions::default()
+        };
+        assert!(
+            (0..50).all(|s| pick(&logits, &nucleus, s) == 1),
+            "top_p 0.3 keeps only the best token"
+        );
     }
 }

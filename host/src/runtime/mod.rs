@@ -38,11 +38,11 @@ mod load;
 mod model;
 
 pub use config::{Activation, Arch, ModelConfig, MoeConfig};
+pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use layers::{
     Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp, MoeMlp, RmsNorm, Router,
 };
 pub use load::ModelParts;
-pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use model::{pad_batch, ForwardOutput, KvCache, LoadOptions, Model, Padding};
 
 use crate::checkpoint::CheckpointError;
