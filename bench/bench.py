@@ -37,7 +37,7 @@ FLOOR_TARGET = 3.0
 
 
 def method_configs(zoo):
-    """(method, plugin name, YAML text, input model dirs, donor dir) for the four merges."""
+    """(method, plugin name or None for a built-in, YAML text, input model dirs, donor dir)."""
     base, fts = os.path.join(zoo, "base"), [os.path.join(zoo, f"ft{i}") for i in (1, 2, 3)]
     ft_lines = "".join(f"  - model: {m}\n    parameters:\n      weight: 1.0\n      density: 0.5\n" for m in fts)
     lin_lines = "".join(f"  - model: {m}\n    parameters:\n      weight: 0.25\n" for m in [base] + fts)
@@ -51,6 +51,10 @@ def method_configs(zoo):
         ("dare_ties", "dare_ties",
          f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n{ft_lines}parameters:\n  normalize: true\ndtype: float16\n",
          [base] + fts, base),
+        # Built into mglue (no plugin): the tools' own read-one-model, write-it-back I/O path.
+        ("passthrough", None,
+         f"merge_method: passthrough\nmodels:\n  - model: {base}\ndtype: float16\n",
+         [base], base),
         ("slerp", "slerp",
          f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {fts[0]}\n"
          f"parameters:\n  t: 0.5\ndtype: float16\n",
@@ -165,7 +169,7 @@ def run_bench(args):
         with open(cfg, "w") as f:
             f.write(yaml)
         entry = {"config": cfg, "inputs": inputs, "runs": {"mglue": [], "mergekit": [], "floor": [], "floor_fsync": []}}
-        if plugin not in plugins:
+        if plugin is not None and plugin not in plugins:
             entry["mglue_unavailable"] = f"no `{plugin}` plugin found by {args.mglue}"
         else:
             r = sh([args.mglue, "-q", "merge", cfg, "--out", os.path.join(work, "dry"), "--dry-run"], env=env)
@@ -376,7 +380,7 @@ def main():
     ap.add_argument("--python", default="bench/venv/bin/python", help="the mergekit virtualenv's python")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", nargs="*", help="subset of linear ties dare_ties slerp")
+    ap.add_argument("--methods", nargs="*", help="subset of linear ties dare_ties passthrough slerp")
     ap.add_argument("--no-compare", dest="compare", action="store_false")
     ap.add_argument("--results", help="JSON results (default: <work>/results.json)")
     ap.add_argument("--markdown", help="Markdown file whose bench:begin/end block receives the table")
