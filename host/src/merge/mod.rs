@@ -4,15 +4,15 @@
 //!
 //! Planning, in order (nothing reads a weight until [`MergePlan::run`]):
 //!
-//! 1. the layout ([`layout`]): which output tensors exist and which input tensors feed each —
+//! 1. the layout (`layout.rs`): which output tensors exist and which input tensors feed each —
 //!    the `models:` form, or `slices:` (layer ranges merged per output layer, renumbered;
 //!    `passthrough` frankenmerges);
-//! 2. the vocabulary ([`vocab`]): with `tokenizer_source:`, the output vocabulary and each
+//! 2. the vocabulary (`vocab.rs`): with `tokenizer_source:`, the output vocabulary and each
 //!    model's row permutation; embedding-like tensors are aligned in the host, before the
 //!    method sees them, so every method gets tensors of one shape;
 //! 3. names, shapes, architectures and every tensor's parameters, validated by the method.
 //!
-//! `passthrough` is built in ([`method`]): a copy of the single source tensor (bytes straight
+//! `passthrough` is built in (`method.rs`): a copy of the single source tensor (bytes straight
 //! from the memory map when neither dtype, `scale` nor vocabulary changes it).
 
 mod card;
