@@ -1,7 +1,8 @@
-//! `mglue convert`, `generate` and `score` on the real SmolLM2-135M-Instruct (GGUF from its PyPI
-//! wheel, fetched by scripts/fetch-models.sh).
+//! `mglue convert`, `generate`, `score` and `eval` (a code task, end to end through the sandbox)
+//! on the real SmolLM2-135M-Instruct (GGUF from its PyPI wheel, fetched by
+//! scripts/fetch-models.sh).
 
-use modelglue_e2e::{root, run_mglue, text};
+use modelglue_e2e::{mglue, root, run_mglue, text};
 use std::path::PathBuf;
 
 fn gguf() -> Option<PathBuf> {
@@ -90,5 +91,49 @@ fn converted_smollm2_continues_the_capital_of_france_with_paris_and_scores_text(
     assert!(
         paris["logprob"].as_f64().expect("lp") > -2.0,
         "Paris is likely after the prompt: {paris}"
+    );
+
+    // A code task end to end: generation, bigcode's post-processing, the sandbox, pass@1.
+    let o = std::process::Command::new(mglue())
+        .args([
+            "-q",
+            "eval",
+            "--model",
+            d,
+            "--task",
+            "humaneval",
+            "--limit",
+            "2",
+            "--json",
+            "--no-cache",
+        ])
+        .env("MGLUE_TASKS", root().join("tasks"))
+        .current_dir(tmp.path())
+        .output()
+        .expect("mglue runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let task = &v["tasks"][0];
+    assert_eq!(task["task"], "humaneval", "{v}");
+    assert_eq!(task["n_items"], 2, "{v}");
+    let pass = task["metrics"]["pass@1"]["value"].as_f64().expect("pass@1");
+    assert!((0.0..=1.0).contains(&pass), "{v}");
+    for item in task["items"].as_array().expect("items") {
+        let completion = item["completion"].as_str().expect("completion");
+        assert!(
+            !completion.is_empty() && item["n_gen_tokens"].as_u64() > Some(0),
+            "{item}"
+        );
+        assert!(item["outcome"].as_str().is_some_and(|s| !s.is_empty()), "{item}");
+    }
+    eprintln!(
+        "humaneval --limit 2 on SmolLM2: pass@1 {pass}; {}",
+        task["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| format!("{}: {}", i["id"], i["outcome"]))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
 }

@@ -58,6 +58,19 @@ impl<'m> Generator<'m> {
         max_gen_toks: usize,
         done: &mut dyn FnMut(usize),
     ) -> Result<Vec<Generation>, EvalError> {
+        self.generate_until_or(contexts, until, max_gen_toks, &|_| false, done)
+    }
+
+    /// [`Generator::generate_until`] that also stops a row as soon as `stop(text so far)` holds
+    /// (e.g. the braces of a function balance); the text is not cut there, only at `until`.
+    pub fn generate_until_or(
+        &self,
+        contexts: &[String],
+        until: &[String],
+        max_gen_toks: usize,
+        stop: &dyn Fn(&str) -> bool,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Generation>, EvalError> {
         let max_ctx = self.max_length.saturating_sub(max_gen_toks).max(1);
         let mut prompts = Vec::with_capacity(contexts.len());
         for c in contexts {
@@ -74,7 +87,7 @@ impl<'m> Generator<'m> {
         let mut out = vec![None; prompts.len()];
         for chunk in order.chunks(self.batch_size) {
             let batch: Vec<&[u32]> = chunk.iter().map(|&i| &prompts[i][..]).collect();
-            let generated = self.generate_batch(&batch, until, max_gen_toks)?;
+            let generated = self.generate_batch(&batch, until, max_gen_toks, stop)?;
             for (&i, g) in chunk.iter().zip(generated) {
                 out[i] = Some(g);
             }
@@ -88,6 +101,7 @@ impl<'m> Generator<'m> {
         prompts: &[&[u32]],
         until: &[String],
         max_gen_toks: usize,
+        stop: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<Generation>, EvalError> {
         let device = self.model.embeddings().device();
         let eot = self.tokenizer.eot_token_id();
@@ -111,8 +125,9 @@ impl<'m> Generator<'m> {
                 }
                 tokens[r].push(t);
                 let text = self.tokenizer.decode(&tokens[r])?;
-                finished[r] =
-                    tokens[r].len() >= max_gen_toks || until.iter().any(|s| text.contains(s.as_str()));
+                finished[r] = tokens[r].len() >= max_gen_toks
+                    || until.iter().any(|s| text.contains(s.as_str()))
+                    || stop(&text);
             }
             if finished.iter().all(|&f| f) {
                 break;

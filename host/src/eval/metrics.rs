@@ -115,12 +115,33 @@ pub struct GenerationResult {
     pub n_gen_tokens: usize,
 }
 
+/// One code item: the program generated, and what running it with its tests did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodeResult {
+    /// The item id.
+    pub id: String,
+    /// The generation after post-processing (what the program template calls `completion`).
+    pub completion: String,
+    /// 1 if the program passed its tests (pass@1 of one greedy sample).
+    pub pass_at_1: f64,
+    /// How the run ended: `exit 0`, `exit 1: AssertionError`, `timed out`, ...
+    pub outcome: String,
+    /// Wall time of the run, milliseconds.
+    pub run_millis: u64,
+    /// Prompt tokens.
+    pub n_ctx_tokens: usize,
+    /// Tokens generated.
+    pub n_gen_tokens: usize,
+}
+
 /// The result of one item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ItemResult {
     /// Multiple choice or partial scoring.
     Choice(ChoiceResult),
+    /// Code generation, run against its tests.
+    Code(CodeResult),
     /// Generation.
     Generation(GenerationResult),
 }
@@ -131,6 +152,7 @@ impl ItemResult {
         match self {
             ItemResult::Choice(c) => &c.id,
             ItemResult::Generation(g) => &g.id,
+            ItemResult::Code(c) => &c.id,
         }
     }
 
@@ -138,7 +160,7 @@ impl ItemResult {
     pub fn as_choice(&self) -> Option<&ChoiceResult> {
         match self {
             ItemResult::Choice(c) => Some(c),
-            ItemResult::Generation(_) => None,
+            _ => None,
         }
     }
 
@@ -146,7 +168,15 @@ impl ItemResult {
     pub fn as_generation(&self) -> Option<&GenerationResult> {
         match self {
             ItemResult::Generation(g) => Some(g),
-            ItemResult::Choice(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The code result, if it is one.
+    pub fn as_code(&self) -> Option<&CodeResult> {
+        match self {
+            ItemResult::Code(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -155,6 +185,7 @@ impl ItemResult {
             (ItemResult::Choice(c), Metric::Acc) => Some(c.acc),
             (ItemResult::Choice(c), Metric::AccNorm) => Some(c.acc_norm),
             (ItemResult::Generation(g), Metric::ExactMatch) => Some(g.exact_match),
+            (ItemResult::Code(c), Metric::PassAt1) => Some(c.pass_at_1),
             _ => None,
         }
     }
@@ -222,7 +253,7 @@ impl TaskResult {
         }
     }
 
-    /// The mean of metric `name` (`acc`, `acc_norm`, `exact_match`), if reported.
+    /// The mean of metric `name` (`acc`, `acc_norm`, `exact_match`, `pass@1`), if reported.
     pub fn metric(&self, name: &str) -> Option<f64> {
         self.metrics.get(name).map(|m| m.value)
     }

@@ -40,24 +40,27 @@
 //! ```
 
 mod cache;
+mod code;
 mod generate;
 mod metrics;
 mod run;
+pub mod sandbox;
 mod score;
 mod task;
 mod template;
 mod tokenize;
 
 pub use cache::{ModelKey, ScoreCache};
+pub use code::{brace_balanced_prefix, CodeRunner};
 pub use generate::{cut_at_stops, normalize_answer, Generation, Generator, INVALID_ANSWER};
 pub use metrics::{
-    mean_stderr, ChoiceResult, EvalReport, GenerationResult, ItemResult, MetricValue, TaskResult,
+    mean_stderr, ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, MetricValue, TaskResult,
 };
 pub use run::{EvalOptions, Evaluator, DEFAULT_MAX_LENGTH};
 pub use score::{Batching, Loglik, Scorer, TokenRequest};
 pub use task::{
-    ChoicesSpec, FewshotSpec, GenerationSpec, Item, ItemRequests, LoglikRequest, Metric, Task, TaskFormat,
-    TaskOptions, TaskSpec,
+    ChoicesSpec, CodeSpec, FewshotSpec, GenerationSpec, Item, ItemRequests, LoglikRequest, Metric, PassRule,
+    Postprocess, Task, TaskFormat, TaskOptions, TaskSpec,
 };
 pub use tokenize::EvalTokenizer;
 
@@ -149,6 +152,12 @@ pub enum EvalError {
         /// Index of the request in its batch.
         request: usize,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A generated program could not be run (not: it ran and failed its tests).
+    #[error("code sandbox: {reason}")]
+    Sandbox {
+        /// What failed (starting the interpreter, waiting for it, the temporary directory).
         reason: String,
     },
     /// The model failed.

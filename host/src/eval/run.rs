@@ -7,10 +7,11 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::cache::{ModelKey, ScoreCache};
+use super::code::{braces_balance, postprocess, CodeRunner};
 use super::generate::{AnswerRules, Generator};
-use super::metrics::{ChoiceResult, EvalReport, GenerationResult, ItemResult, TaskResult};
+use super::metrics::{ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, TaskResult};
 use super::score::{Batching, Scorer, TokenRequest};
-use super::task::{Item, ItemRequests, Task, TaskFormat};
+use super::task::{Item, ItemRequests, Postprocess, Task, TaskFormat};
 use super::tokenize::EvalTokenizer;
 use super::EvalError;
 use crate::checkpoint::{dtype_name, Checkpoint};
@@ -137,6 +138,7 @@ impl<'a> Evaluator<'a> {
             let fresh = match task.spec().format {
                 TaskFormat::MultipleChoice | TaskFormat::Partial => self.score_choices(task, &todo, &bar)?,
                 TaskFormat::Generate => self.generate(task, &todo, &bar)?,
+                TaskFormat::Code => self.code(task, &todo, &bar)?,
             };
             bar.finish_and_clear();
             items.extend(fresh);
@@ -275,6 +277,63 @@ impl<'a> Evaluator<'a> {
                     target,
                     generation: g.text,
                     answer,
+                    n_ctx_tokens: g.n_ctx_tokens,
+                    n_gen_tokens: g.n_gen_tokens,
+                })
+            })
+            .collect())
+    }
+
+    /// Greedy generations, post-processed, completed into programs and run in the sandbox.
+    fn code(&self, task: &Task, items: &[Item], bar: &ProgressBar) -> Result<Vec<ItemResult>, EvalError> {
+        let invalid = |reason: &str| EvalError::TaskInvalid {
+            task: task.name().to_string(),
+            reason: reason.to_string(),
+        };
+        let spec = task.spec();
+        let gen = spec
+            .generation
+            .as_ref()
+            .ok_or_else(|| invalid("no [generation] table"))?;
+        let code = spec.code.as_ref().ok_or_else(|| invalid("no [code] table"))?;
+        let contexts = items
+            .iter()
+            .map(|item| match &item.requests {
+                ItemRequests::Generate { context, .. } => Ok(context.clone()),
+                ItemRequests::Choices { .. } => Err(invalid("an item with choices in a code task")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let generator = Generator::new(
+            self.model,
+            self.tokenizer,
+            self.max_length(),
+            self.opts.generation_batch,
+        );
+        let open = code.open_braces;
+        let stop = |text: &str| code.postprocess == Postprocess::BraceBalance && braces_balance(text, open);
+        // The bar counts generations; running the programs is quick next to them.
+        let generations =
+            generator.generate_until_or(&contexts, &gen.until, gen.max_gen_toks, &stop, &mut |n| {
+                bar.inc(n as u64)
+            })?;
+        let completions: Vec<String> = generations.iter().map(|g| postprocess(code, &g.text)).collect();
+        let programs = items
+            .iter()
+            .zip(&completions)
+            .map(|(item, c)| task.program(item.index, Some(c)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let runs = CodeRunner::new(code).run_all(&programs)?;
+        Ok(items
+            .iter()
+            .zip(completions)
+            .zip(generations.into_iter().zip(runs))
+            .map(|((item, completion), (g, run))| {
+                ItemResult::Code(CodeResult {
+                    id: item.id.clone(),
+                    completion,
+                    pass_at_1: f64::from(u8::from(run.passed)),
+                    outcome: run.outcome.summary(),
+                    run_millis: run.outcome.millis,
                     n_ctx_tokens: g.n_ctx_tokens,
                     n_gen_tokens: g.n_gen_tokens,
                 })

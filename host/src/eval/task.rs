@@ -24,6 +24,9 @@ pub enum TaskFormat {
     Partial,
     /// Greedy generation until a stop string; exact match of the extracted answer.
     Generate,
+    /// Greedy generation of a program, post-processed, completed with its tests and run in the
+    /// [`super::sandbox`]; pass@1 (bigcode-evaluation-harness: MBPP, HumanEval, HumanEvalPack).
+    Code,
 }
 
 impl fmt::Display for TaskFormat {
@@ -32,6 +35,7 @@ impl fmt::Display for TaskFormat {
             TaskFormat::MultipleChoice => "multiple_choice",
             TaskFormat::Partial => "partial",
             TaskFormat::Generate => "generate",
+            TaskFormat::Code => "code",
         })
     }
 }
@@ -46,6 +50,9 @@ pub enum Metric {
     AccNorm,
     /// Exact match of the extracted, normalised answer (generation tasks).
     ExactMatch,
+    /// Fraction of programs that pass their tests, one greedy sample each (code tasks).
+    #[serde(rename = "pass@1")]
+    PassAt1,
 }
 
 impl Metric {
@@ -55,6 +62,7 @@ impl Metric {
             Metric::Acc => "acc",
             Metric::AccNorm => "acc_norm",
             Metric::ExactMatch => "exact_match",
+            Metric::PassAt1 => "pass@1",
         }
     }
 }
@@ -98,7 +106,8 @@ pub struct GenerationSpec {
     pub max_gen_toks: usize,
     /// The answer is the first match of this regex (its first non-empty capture group, or the
     /// whole match without groups), stripped; `[invalid]` when nothing matches. lm-eval GSM8K's
-    /// "strict-match": `#### (\-?[0-9\.\,]+)`.
+    /// "strict-match": `#### (\-?[0-9\.\,]+)`. Unused by code tasks.
+    #[serde(default)]
     pub answer_regex: String,
     /// Regexes deleted from both the answer and the target before comparing (lm-eval's
     /// `regexes_to_ignore`).
@@ -111,6 +120,88 @@ pub struct GenerationSpec {
 
 fn default_max_gen_toks() -> usize {
     256
+}
+
+/// How a code task's generation is cut before it is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Postprocess {
+    /// Before the first of the stop strings `until` (bigcode's `_stop_at_stop_token`; MBPP and
+    /// HumanEval).
+    #[default]
+    Stop,
+    /// After the `}` where the braces balance, starting [`CodeSpec::open_braces`] deep; if they
+    /// never balance, after the last `}` (HumanEvalPack's `remove_last_block` for JavaScript).
+    /// Generation stops as soon as they balance, which changes nothing in the result.
+    BraceBalance,
+}
+
+/// When a program counts as passing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassRule {
+    /// It exits with status 0 within the time limit (bigcode's `code_eval`: no exception).
+    #[default]
+    ExitZero,
+    /// It ends within the time limit and prints nothing on stdout or stderr (HumanEvalPack's
+    /// JavaScript rule: a failed `console.assert` prints to stderr).
+    Silent,
+}
+
+/// How a code task builds and runs its programs (the `[code]` table).
+///
+/// ```toml
+/// [code]
+/// command = ["python3"]
+/// file_name = "program.py"
+/// program = "{{prompt.strip()}}{{completion}}\n\n{{test}}\ncheck({{entry_point}})"
+/// reference = "{{prompt}}{{canonical_solution}}\n\n{{test}}\ncheck({{entry_point}})"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeSpec {
+    /// The interpreter and its arguments; the program's file name is appended.
+    pub command: Vec<String>,
+    /// The program's file name in the sandbox's temporary directory (`program.py`).
+    pub file_name: String,
+    /// Template of the program run: the item's fields and `completion`, the post-processed
+    /// generation.
+    pub program: String,
+    /// Template of the same program with the dataset's reference solution (no `completion`), to
+    /// check the task and the sandbox (`CodeRunner::run_references`).
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// How the generation is cut.
+    #[serde(default)]
+    pub postprocess: Postprocess,
+    /// Braces already open at the end of the prompt, for [`Postprocess::BraceBalance`]
+    /// (default 1: the function's own `{`).
+    #[serde(default = "default_open_braces")]
+    pub open_braces: usize,
+    /// When a program passes.
+    #[serde(default)]
+    pub pass_if: PassRule,
+    /// Wall-clock limit per program, seconds (default 3, as bigcode).
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// Address-space limit per program in MiB (`RLIMIT_AS`; default 2048; 0 = none).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Programs run at once (default: the number of CPUs).
+    #[serde(default)]
+    pub jobs: Option<usize>,
+}
+
+fn default_open_braces() -> usize {
+    1
+}
+
+fn default_timeout_s() -> f64 {
+    3.0
+}
+
+fn default_memory_mb() -> u64 {
+    2048
 }
 
 fn default_target_delimiter() -> String {
@@ -187,9 +278,12 @@ pub struct TaskSpec {
     /// Few-shot examples.
     #[serde(default)]
     pub fewshot: Option<FewshotSpec>,
-    /// Generation settings (required for [`TaskFormat::Generate`]).
+    /// Generation settings (required for [`TaskFormat::Generate`] and [`TaskFormat::Code`]).
     #[serde(default)]
     pub generation: Option<GenerationSpec>,
+    /// How programs are built and run (required for [`TaskFormat::Code`]).
+    #[serde(default)]
+    pub code: Option<CodeSpec>,
 }
 
 impl TaskSpec {
@@ -210,6 +304,7 @@ impl TaskSpec {
             TaskFormat::MultipleChoice => vec![Metric::Acc, Metric::AccNorm],
             TaskFormat::Partial => vec![Metric::Acc],
             TaskFormat::Generate => vec![Metric::ExactMatch],
+            TaskFormat::Code => vec![Metric::PassAt1],
         }
     }
 
@@ -355,6 +450,29 @@ impl Task {
                     return Err(invalid("generation tasks report `exact_match` only".into()));
                 }
             }
+            TaskFormat::Code => {
+                if spec.generation.is_none() {
+                    return Err(invalid(
+                        "format `code` needs a [generation] table (stop strings, max_gen_toks)".into(),
+                    ));
+                }
+                let Some(code) = &spec.code else {
+                    return Err(invalid(
+                        "format `code` needs a [code] table (command, file_name, program)".into(),
+                    ));
+                };
+                if code.command.is_empty() {
+                    return Err(invalid("[code] command must name the interpreter".into()));
+                }
+                if !(code.timeout_s > 0.0 && code.timeout_s.is_finite()) {
+                    return Err(invalid(
+                        "[code] timeout_s must be a positive number of seconds".into(),
+                    ));
+                }
+                if spec.metrics() != [Metric::PassAt1] {
+                    return Err(invalid("code tasks report `pass@1` only".into()));
+                }
+            }
         }
         if spec.format == TaskFormat::Partial && spec.blank.is_empty() {
             return Err(invalid("`blank` must not be empty".into()));
@@ -384,6 +502,12 @@ impl Task {
         if let Some(ChoicesSpec::Templates(list)) = &spec.choices {
             for (i, c) in list.iter().enumerate() {
                 add(&format!("choices[{i}]"), c)?;
+            }
+        }
+        if let Some(code) = &spec.code {
+            add("code.program", &code.program)?;
+            if let Some(r) = &code.reference {
+                add("code.reference", r)?;
             }
         }
 
@@ -512,9 +636,13 @@ impl Task {
                     gold,
                 }
             }
-            TaskFormat::Generate => ItemRequests::Generate {
+            TaskFormat::Generate | TaskFormat::Code => ItemRequests::Generate {
                 context: prefix + &self.text(doc)?,
-                target: self.render(doc, "target", self.spec.target.as_deref().unwrap_or(""))?,
+                target: match &self.spec.target {
+                    Some(t) => self.render(doc, "target", t)?,
+                    // Code tasks are judged by their tests, not a reference text.
+                    None => String::new(),
+                },
             },
         };
         Ok(Item {
@@ -568,7 +696,7 @@ impl Task {
                     let (contexts, continuation) = self.partial(ex, &options)?;
                     (contexts[gold].clone(), continuation)
                 }
-                TaskFormat::Generate => (
+                TaskFormat::Generate | TaskFormat::Code => (
                     self.text(ex)?,
                     self.render(ex, "target", self.spec.target.as_deref().unwrap_or(""))?,
                 ),
@@ -579,6 +707,47 @@ impl Task {
             out.push_str(&self.spec.fewshot_delimiter);
         }
         Ok(out)
+    }
+
+    /// The program of item `index` of a code task: its `[code] program` template rendered with
+    /// `completion` (the post-processed generation), or with `None` its `reference` template
+    /// (the dataset's own solution).
+    pub fn program(&self, index: usize, completion: Option<&str>) -> Result<String, EvalError> {
+        let doc = self.docs.get(index).ok_or_else(|| EvalError::TaskInvalid {
+            task: self.spec.name.clone(),
+            reason: format!("no item {index} (the file has {})", self.docs.len()),
+        })?;
+        let code = self.spec.code.as_ref().ok_or_else(|| EvalError::TaskInvalid {
+            task: self.spec.name.clone(),
+            reason: "not a code task (no [code] table)".into(),
+        })?;
+        let (name, value) = match completion {
+            Some(c) => {
+                let mut fields = doc.fields.clone();
+                fields.insert("completion".into(), Value::String(c.to_string()));
+                ("code.program", minijinja::Value::from(Serde(&fields)))
+            }
+            None if code.reference.is_some() => ("code.reference", doc.value.clone()),
+            None => {
+                return Err(EvalError::TaskInvalid {
+                    task: self.spec.name.clone(),
+                    reason: "the [code] table has no `reference` template".into(),
+                })
+            }
+        };
+        self.templates
+            .render(name, &value)
+            .map_err(|source| EvalError::Template {
+                task: self.spec.name.clone(),
+                template: name.to_string(),
+                item: Some(doc.id.clone()),
+                source,
+            })
+    }
+
+    /// The id of item `index`.
+    pub fn item_id(&self, index: usize) -> Option<&str> {
+        self.docs.get(index).map(|d| d.id.as_str())
     }
 
     fn text(&self, doc: &Doc) -> Result<String, EvalError> {
