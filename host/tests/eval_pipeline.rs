@@ -113,6 +113,9 @@ fn shipped_tasks_load_with_the_benchmark_item_counts() {
         [
             ("arc_challenge", 300),
             ("gsm8k", 300),
+            ("humaneval", 164),
+            ("humaneval_js", 164),
+            ("mbpp", 500),
             ("mmlu", 285),
             ("winogrande", 300)
         ]

@@ -7,7 +7,7 @@ use regex::Regex;
 use super::task::GenerationSpec;
 use super::tokenize::EvalTokenizer;
 use super::EvalError;
-use crate::runtime::{pad_batch, KvCache, Model, Padding};
+use crate::runtime::{pad_batch, KvCache, LogitPositions, Model, Padding};
 
 /// What an unmatched answer regex yields, as in lm-eval.
 pub const INVALID_ANSWER: &str = "[invalid]";
@@ -109,7 +109,7 @@ impl<'m> Generator<'m> {
         let mut cache = KvCache::new();
         let mut logits = self
             .model
-            .forward_with(&ids, Some(&mask), &mut cache, false)?
+            .forward_at(&ids, Some(&mask), &mut cache, false, &LogitPositions::Last)?
             .logits;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut finished = vec![max_gen_toks == 0; prompts.len()];
@@ -134,7 +134,10 @@ impl<'m> Generator<'m> {
             }
             // Finished rows keep decoding (their output is ignored) so the batch stays square.
             let step = Tensor::from_vec(next.clone(), (next.len(), 1), device)?;
-            logits = self.model.forward_with(&step, None, &mut cache, false)?.logits;
+            logits = self
+                .model
+                .forward_at(&step, None, &mut cache, false, &LogitPositions::Last)?
+                .logits;
         }
         prompts
             .iter()

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::EvalError;
-use crate::runtime::{pad_batch, KvCache, Model, Padding};
+use crate::runtime::{pad_batch, KvCache, LogitPositions, Model, Padding};
 
 /// A request in token ids, as [`super::EvalTokenizer::encode_pair`] splits it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,19 +210,21 @@ impl<'m> Scorer<'m> {
             .collect();
         if heads.iter().any(|h| !h.is_empty()) {
             let (ids, mask) = pad_batch(&heads, Padding::Right, 0, device)?;
-            let logits = self
-                .model
-                .forward_with(&ids, Some(&mask), &mut cache, false)?
-                .logits;
+            // (group, request, row, first position, targets) of every scored span.
+            let mut wanted = Vec::new();
             for (row, &g) in chunk.iter().enumerate() {
                 for (r, req) in groups[g].iter().enumerate() {
                     let from = req.first_scored();
                     let to = req.input.len().min(prefix[g]);
                     if from < to {
-                        let targets = &req.continuation[..to - from];
-                        out[g][r].extend(score_rows(&logits, row, from, targets)?);
+                        wanted.push((g, r, row, from, &req.continuation[..to - from]));
                     }
                 }
+            }
+            let rows = self.logits_at(&ids, &mask, &mut cache, &wanted)?;
+            let mut rows = rows.iter();
+            for &(g, r, _, _, targets) in &wanted {
+                out[g][r].extend(score_rows(rows.by_ref().take(targets.len()), targets));
             }
         }
         let slots = chunk.iter().map(|&g| groups[g].len()).max().unwrap_or(0);
@@ -238,18 +240,19 @@ impl<'m> Scorer<'m> {
             }
             let (ids, mask) = pad_batch(&tails, Padding::Right, 0, device)?;
             let mut step = cache.clone();
-            let logits = self
-                .model
-                .forward_with(&ids, Some(&mask), &mut step, false)?
-                .logits;
+            let mut wanted = Vec::new();
             for (row, &g) in chunk.iter().enumerate() {
                 let Some(req) = groups[g].get(slot) else { continue };
                 let from = req.first_scored().max(prefix[g]);
                 if from < req.input.len() {
                     let skip = from - req.first_scored();
-                    let targets = &req.continuation[skip..];
-                    out[g][slot].extend(score_rows(&logits, row, from - prefix[g], targets)?);
+                    wanted.push((g, slot, row, from - prefix[g], &req.continuation[skip..]));
                 }
+            }
+            let rows = self.logits_at(&ids, &mask, &mut step, &wanted)?;
+            let mut rows = rows.iter();
+            for &(g, r, _, _, targets) in &wanted {
+                out[g][r].extend(score_rows(rows.by_ref().take(targets.len()), targets));
             }
         }
         Ok(())
@@ -280,10 +283,18 @@ impl<'m> Scorer<'m> {
             let mut finished = 0;
             if seqs.iter().any(|s| !s.is_empty()) {
                 let (ids, mask) = pad_batch(&seqs, Padding::Right, 0, device)?;
-                let logits = self.model.forward_masked(&ids, &mask)?;
-                for (row, &(g, r)) in batch.iter().enumerate() {
-                    let req = &groups[g][r];
-                    out[g][r] = score_rows(&logits, row, req.first_scored(), &req.continuation)?;
+                let wanted: Vec<_> = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &(g, r))| {
+                        let req = &groups[g][r];
+                        (g, r, row, req.first_scored(), &req.continuation[..])
+                    })
+                    .collect();
+                let rows = self.logits_at(&ids, &mask, &mut KvCache::new(), &wanted)?;
+                let mut rows = rows.iter();
+                for &(g, r, _, _, targets) in &wanted {
+                    out[g][r] = score_rows(rows.by_ref().take(targets.len()), targets);
                 }
             }
             for &(g, _) in batch {
@@ -297,6 +308,38 @@ impl<'m> Scorer<'m> {
     }
 }
 
+impl Scorer<'_> {
+    /// Runs `ids` after `cache` and returns the f32 logits of the positions of `wanted`
+    /// (`(group, request, row, first position, targets)`), one row per target, in order.
+    fn logits_at(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        wanted: &[Wanted<'_>],
+    ) -> Result<Vec<Vec<f32>>, EvalError> {
+        let spans = wanted
+            .iter()
+            .filter(|w| !w.4.is_empty())
+            .map(|&(_, _, row, from, targets)| (row, from, targets.len()))
+            .collect::<Vec<_>>();
+        if spans.is_empty() {
+            // Still extend the cache: later suffixes attend to these tokens.
+            self.model
+                .forward_at(ids, Some(mask), cache, false, &LogitPositions::Last)?;
+            return Ok(Vec::new());
+        }
+        let logits = self
+            .model
+            .forward_at(ids, Some(mask), cache, false, &LogitPositions::Spans(spans))?
+            .logits;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+}
+
+/// A span of scored positions: `(group, request, row, first position, targets)`.
+type Wanted<'a> = (usize, usize, usize, usize, &'a [u32]);
+
 /// Length of the longest common prefix of the inputs of a group.
 fn common_prefix(group: &[Prepared]) -> usize {
     let Some(first) = group.first() else { return 0 };
@@ -309,26 +352,12 @@ fn common_prefix(group: &[Prepared]) -> usize {
     })
 }
 
-/// `(log_softmax(logits[row, from + i])[targets[i]], targets[i] is the argmax)` for each target.
-fn score_rows(
-    logits: &Tensor,
-    row: usize,
-    from: usize,
-    targets: &[u32],
-) -> Result<Vec<(f64, bool)>, EvalError> {
-    if targets.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = logits
-        .get(row)?
-        .narrow(0, from, targets.len())?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .zip(targets)
+/// `(log_softmax(row i)[targets[i]], targets[i] is the argmax)` for each target, from the logit
+/// rows of its positions.
+fn score_rows<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, targets: &[u32]) -> Vec<(f64, bool)> {
+    rows.zip(targets)
         .map(|(logits, &t)| log_prob_and_greedy(logits, t as usize))
-        .collect())
+        .collect()
 }
 
 /// `log_softmax(logits)[target]` in f64, and whether `target` is the first maximum.

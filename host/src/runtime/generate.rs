@@ -1,7 +1,7 @@
 //! Text generation on a [`Model`]: greedy or sampled (temperature, top-p), with a KV cache, EOS
 //! ids and stop strings.
 
-use super::{KvCache, Model, RuntimeError};
+use super::{KvCache, LogitPositions, Model, RuntimeError};
 use crate::backend::kernels::uniform;
 use candle_core::{DType, Tensor};
 
@@ -121,11 +121,11 @@ pub fn generate(
     let mut tokens = Vec::new();
     for step in 0..opts.max_new_tokens {
         let ids = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;
-        let out = model.forward_with(&ids, None, &mut cache, false)?;
+        let out = model.forward_at(&ids, None, &mut cache, false, &LogitPositions::Last)?;
         let last = out
             .logits
             .get(0)?
-            .get(input.len() - 1)?
+            .get(0)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         let next = pick(&last, opts, step as u64);

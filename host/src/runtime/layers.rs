@@ -13,6 +13,19 @@ use candle_nn::Linear;
 
 use super::config::Activation;
 
+/// `l` with its weight stored transposed: still `[out, in]` in shape, but `[in, out]` in memory,
+/// so that the `weight.t()` inside [`Linear`]'s forward is contiguous and gemm reads the weight
+/// as it lies instead of repacking it on every call. Measured on 2 threads with SmolLM2's shapes
+/// (576 x 1536 and back): 1.6-1.8x faster at 8 rows (a decoding step of a batch), 1.0-1.3x at
+/// 100-1000 rows (scoring). Idempotent; the values are unchanged.
+pub fn transposed_linear(l: &Linear) -> Result<Linear> {
+    let w = l.weight();
+    if w.rank() != 2 || w.t()?.is_contiguous() {
+        return Ok(l.clone());
+    }
+    Ok(Linear::new(w.t()?.contiguous()?.t()?, l.bias().cloned()))
+}
+
 /// RMSNorm `x / sqrt(mean(x²) + eps) · w` (Gemma's `1 + w` is folded into `w` at load).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_nn::Linear;
 
 use super::config::ModelConfig;
-use super::layers::{Attention, DecoderBlock, DenseMlp, Mlp, MoeMlp, RmsNorm};
+use super::layers::{transposed_linear, Attention, DecoderBlock, DenseMlp, Mlp, MoeMlp, RmsNorm};
 use super::model::LoadOptions;
 use super::RuntimeError;
 use crate::checkpoint::Checkpoint;
@@ -55,7 +55,7 @@ impl Loader<'_> {
             true => Some(self.tensor(&bias_name, &[out])?),
             false => None,
         };
-        Ok(Linear::new(weight, bias))
+        Ok(transposed_linear(&Linear::new(weight, bias))?)
     }
 
     fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm, RuntimeError> {
@@ -95,11 +95,11 @@ impl Loader<'_> {
             let experts = (0..e)
                 .map(|x| {
                     let gu = gate_up.get(x)?;
-                    let part = |at| gu.narrow(0, at, i)?.contiguous();
+                    let part = |at| gu.narrow(0, at, i);
                     Ok(self.dense(
-                        Linear::new(part(0)?, None),
-                        Linear::new(part(i)?, None),
-                        Linear::new(down.get(x)?.contiguous()?, None),
+                        transposed_linear(&Linear::new(part(0)?, None))?,
+                        transposed_linear(&Linear::new(part(i)?, None))?,
+                        transposed_linear(&Linear::new(down.get(x)?, None))?,
                     ))
                 })
                 .collect::<Result<Vec<_>, candle_core::Error>>()?;
@@ -188,6 +188,9 @@ impl Loader<'_> {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed = ld.tensor("model.embed_tokens.weight", &[v, h])?;
         let lm_head = match config.tie_word_embeddings {
+            // Not transposed: for this wide, short matrix gemm is as fast or faster on the
+            // checkpoint layout (2.4x at 8 rows, equal from 100; bench notes in BENCHMARKS.md),
+            // and a tied head keeps sharing the embedding's memory.
             true => Linear::new(embed.clone(), None),
             false => Linear::new(ld.tensor("lm_head.weight", &[v, h])?, None),
         };

@@ -40,10 +40,11 @@ mod model;
 pub use config::{Activation, Arch, ModelConfig, MoeConfig};
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use layers::{
-    Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp, MoeMlp, RmsNorm, Router,
+    transposed_linear, Attention, AttnInputs, Block, Context, DecoderBlock, DenseMlp, LayerCache, Mlp,
+    MoeMlp, RmsNorm, Router,
 };
 pub use load::ModelParts;
-pub use model::{pad_batch, ForwardOutput, KvCache, LoadOptions, Model, Padding};
+pub use model::{pad_batch, ForwardOutput, KvCache, LoadOptions, LogitPositions, Model, Padding};
 
 use crate::checkpoint::CheckpointError;
 

@@ -94,10 +94,23 @@ impl KvCache {
     }
 }
 
+/// Which positions of a forward call get logits. The lm_head is the widest matmul of a small
+/// model (SmolLM2: vocabulary 49152 against hidden 576, a fifth of the compute per token), so a
+/// caller that needs a few positions asks for those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitPositions {
+    /// Every position: `[batch, new_tokens, vocab]`.
+    All,
+    /// The last new position of each row (generation): `[batch, 1, vocab]`.
+    Last,
+    /// `(row, first position, count)` spans, in this order: `[sum of counts, vocab]`.
+    Spans(Vec<(usize, usize, usize)>),
+}
+
 /// Logits and, when asked for, the residual stream after the embeddings and after each block.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
-    /// `[batch, new_tokens, vocab]`.
+    /// `[batch, new_tokens, vocab]`, or what [`LogitPositions`] says for [`Model::forward_at`].
     pub logits: Tensor,
     /// `hidden[0]`: embeddings (scaled); `hidden[i + 1]`: output of block `i`; each
     /// `[batch, new_tokens, hidden]`. Empty unless requested.
@@ -209,6 +222,19 @@ impl Model {
         cache: &mut KvCache,
         hidden: bool,
     ) -> Result<ForwardOutput, RuntimeError> {
+        self.forward_at(ids, mask, cache, hidden, &LogitPositions::All)
+    }
+
+    /// [`Model::forward_with`] computing logits only at `positions` (shapes in
+    /// [`LogitPositions`]); the KV cache and the hidden states are those of every position.
+    pub fn forward_at(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        hidden: bool,
+        positions: &LogitPositions,
+    ) -> Result<ForwardOutput, RuntimeError> {
         if ids.rank() != 2 {
             return Err(RuntimeError::Input {
                 reason: format!("ids must be [batch, len], got shape {:?}", ids.dims()),
@@ -259,6 +285,26 @@ impl Model {
         if hidden {
             states.push(x.clone());
         }
+        let x = match positions {
+            LogitPositions::All => x,
+            LogitPositions::Last => x.narrow(1, t - 1, 1)?,
+            LogitPositions::Spans(spans) => {
+                let mut rows = Vec::with_capacity(spans.iter().map(|s| s.2).sum());
+                for &(row, from, len) in spans {
+                    if row >= b || from + len > t {
+                        return Err(RuntimeError::Input {
+                            reason: format!(
+                                "logit span (row {row}, {from}..{}) outside the [{b}, {t}] input",
+                                from + len
+                            ),
+                        });
+                    }
+                    rows.extend((from..from + len).map(|p| (row * t + p) as u32));
+                }
+                let idx = Tensor::from_vec(rows, (spans.iter().map(|s| s.2).sum::<usize>(),), device)?;
+                x.reshape((b * t, ()))?.index_select(&idx, 0)?
+            }
+        };
         let mut logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
         if let Some(cap) = self.config.final_logit_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
@@ -331,18 +377,35 @@ impl Model {
             return Ok(vec![Vec::new(); seqs.len()]);
         }
         let (ids, mask) = pad_batch(seqs, Padding::Right, 0, self.embed.device())?;
-        let logits = self.forward_masked(&ids, &mask)?.to_dtype(DType::F32)?;
+        let spans: Vec<(usize, usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.len() >= 2)
+            .map(|(r, s)| (r, 0, s.len() - 1))
+            .collect();
+        let logits = self
+            .forward_at(
+                &ids,
+                Some(&mask),
+                &mut KvCache::new(),
+                false,
+                &LogitPositions::Spans(spans),
+            )?
+            .logits
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut rows = logits.iter();
         let mut out = Vec::with_capacity(seqs.len());
-        for (r, seq) in seqs.iter().enumerate() {
+        for seq in seqs {
             if seq.len() < 2 {
                 out.push(Vec::new());
                 continue;
             }
-            let rows = logits.get(r)?.narrow(0, 0, seq.len() - 1)?.to_vec2::<f32>()?;
             out.push(
-                rows.iter()
-                    .zip(&seq[1..])
-                    .map(|(row, &next)| log_softmax_at(row, next as usize))
+                seq[1..]
+                    .iter()
+                    .zip(rows.by_ref())
+                    .map(|(&next, row)| log_softmax_at(row, next as usize))
                     .collect(),
             );
         }
