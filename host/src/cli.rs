@@ -118,6 +118,10 @@ struct MergeArgs {
     /// Validate and print the plan without reading any weight.
     #[arg(long)]
     dry_run: bool,
+    /// Merge inputs holding NaN/Inf (and write outputs holding them) with a warning instead of
+    /// stopping with an error that names the file and tensor.
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 #[derive(Args)]
@@ -329,6 +333,7 @@ fn cmd_merge(cli: &Cli, a: &MergeArgs) -> Result<()> {
     opts.seed = a.seed;
     opts.threads = a.threads;
     opts.progress = !cli.quiet;
+    opts.allow_nonfinite = a.allow_nonfinite;
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = cancel.clone();
     // On Ctrl-C the workers stop, the partial directory is removed, and nothing appears at --out.
@@ -704,15 +709,42 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             2
         }
     }
 }
 
+/// The error and its causes, `: `-separated like `{:#}`, but skipping a cause whose text the
+/// message before it already contains (most library errors embed their source in their own
+/// message, so `{:#}` would print it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut previous = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !previous.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        previous = text;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let inner = std::io::Error::other("disk full");
+        let e =
+            anyhow::Error::new(std::io::Error::other(format!("writing x: {inner}"))).context("merge failed");
+        assert_eq!(error_chain(&e), "merge failed: writing x: disk full");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&e), "outer: inner");
+    }
 
     #[test]
     fn shard_sizes_parse_with_units() {

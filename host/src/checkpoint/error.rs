@@ -22,6 +22,22 @@ pub enum CheckpointError {
         source: std::io::Error,
     },
 
+    /// Writing failed because the file system is full, a quota is exhausted or the process's
+    /// file-size limit (`ulimit -f`) is reached.
+    #[error(
+        "could not {action} {path}: {source}. Free space on that file system (or raise the limit) \
+         and run again; the partial output is removed, nothing is left at the target"
+    )]
+    NoSpace {
+        /// What was being attempted.
+        action: &'static str,
+        /// The file being written.
+        path: PathBuf,
+        /// The operating system's error (ENOSPC, EDQUOT or EFBIG).
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The path given as a model directory is not a directory.
     #[error(
         "{path} is not a directory; pass the Hugging Face model directory (the one holding \
@@ -59,6 +75,23 @@ pub enum CheckpointError {
         path: PathBuf,
         /// The kind of JSON value found instead.
         found: &'static str,
+    },
+
+    /// `config.json` states a size that the weights contradict.
+    #[error(
+        "{path}: `{key}` is {stated}, but {evidence}; the config does not describe these weights \
+         (copy the config.json of the model they were saved from)"
+    )]
+    ConfigShape {
+        /// The `config.json` file.
+        path: PathBuf,
+        /// The key (`vocab_size`, `hidden_size`, `num_hidden_layers`; `text_config.` prefixed
+        /// when read from there).
+        key: String,
+        /// Its value.
+        stated: u64,
+        /// What the weights say, e.g. "tensor `model.embed_tokens.weight` has shape [1000, 64]".
+        evidence: String,
     },
 
     /// Only pickle (`.bin`, `.pt`) weights were found.
@@ -460,6 +493,17 @@ pub enum CheckpointError {
 
 impl CheckpointError {
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        if matches!(
+            source.kind(),
+            ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded
+        ) {
+            return CheckpointError::NoSpace {
+                action,
+                path: path.into(),
+                source,
+            };
+        }
         CheckpointError::Io {
             action,
             path: path.into(),

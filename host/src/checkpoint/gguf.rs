@@ -352,6 +352,67 @@ pub fn convert_gguf(src: &Path, out: &Path, opts: &ConvertOptions) -> Result<Con
     })
 }
 
+/// Runs every check [`convert_gguf`] makes on the GGUF image `bytes` (a whole file, as if read
+/// from `src`): header walk, candle's parse, metadata, tensor plan, shapes and tokenizer; then
+/// builds the JSON files and dequantises every planned tensor, writing nothing. The report's
+/// `out_dir` is empty.
+///
+/// The bytes-level entry point of the `gguf` fuzz target (`fuzz/`).
+#[doc(hidden)]
+pub fn check_gguf_bytes(bytes: &[u8], src: &Path) -> Result<ConvertReport, GgufError> {
+    header::validate(bytes, src)?;
+    let content = Content::read(&mut Cursor::new(bytes)).map_err(|source| GgufError::Candle {
+        path: src.to_path_buf(),
+        what: "the GGUF header".to_string(),
+        source: Box::new(source),
+    })?;
+    let md = Metadata {
+        map: &content.metadata,
+        path: src,
+    };
+    let arch_name = md.string("general.architecture")?;
+    let arch = Arch::from_gguf(arch_name).ok_or_else(|| GgufError::UnsupportedArchitecture {
+        path: src.to_path_buf(),
+        architecture: arch_name.to_string(),
+    })?;
+    let shapes: HashMap<&str, Vec<usize>> = content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| (name.as_str(), info.shape.dims().to_vec()))
+        .collect();
+    let spec = ModelSpec::from_gguf(arch, &md, &shapes)?;
+    let plan = arch::plan_tensors(&spec, &shapes, src)?;
+    let tok = tokenizer::build(&md, spec.vocab_size, spec.context_length)?;
+    let out_dtype = output::OutDType::from_dtype(DType::F32)?;
+    fn json<T: serde::Serialize>(path: &str, value: &T) -> Result<(), GgufError> {
+        serde_json::to_vec(value)
+            .map(drop)
+            .map_err(|source| GgufError::Json {
+                path: PathBuf::from(path),
+                source,
+            })
+    }
+    json(
+        "config.json",
+        &arch::config_json(&spec, &tok.special, out_dtype.hf_name()),
+    )?;
+    json(
+        "generation_config.json",
+        &arch::generation_config_json(&tok.special),
+    )?;
+    json("tokenizer.json", &tok.tokenizer_json)?;
+    json("tokenizer_config.json", &tok.tokenizer_config_json)?;
+    for t in &plan {
+        materialise(t, &content, bytes, src, out_dtype)?;
+    }
+    Ok(ConvertReport {
+        architecture: arch_name.to_string(),
+        tensors: plan.len(),
+        vocab_size: spec.vocab_size,
+        out_dir: PathBuf::new(),
+    })
+}
+
 /// Dequantises the planned tensors a few at a time (one per worker thread, so peak memory is a
 /// handful of tensors) and streams them into `model.safetensors` in safetensors order.
 fn write_weights(
@@ -414,6 +475,16 @@ fn materialise(
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(candle_err)?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        // Converting is a faithful change of format, so the values are kept; `mglue merge`
+        // refuses them with the tensor's Hugging Face name unless --allow-nonfinite.
+        tracing::warn!(
+            file = %src.display(),
+            tensor = %t.gguf_name,
+            "{bad} NaN/Inf values after dequantisation"
+        );
+    }
     let values = t.transform.apply(values, &t.shape);
     Ok(dtype.encode(&values))
 }

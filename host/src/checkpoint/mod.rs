@@ -27,15 +27,17 @@
 
 mod convert;
 mod error;
+mod finite;
 pub mod gguf;
 mod header;
 mod read;
 mod write;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use candle_core::DType;
 pub use error::CheckpointError;
+pub use finite::{scan_bytes, scan_tensor, NonFinite};
 pub use read::Checkpoint;
 pub use write::{CheckpointWriter, OutTensor};
 
@@ -62,6 +64,39 @@ impl TensorInfo {
     pub fn byte_len(&self) -> usize {
         self.numel() * self.dtype.size_in_bytes()
     }
+}
+
+/// Validates the safetensors image `bytes` (a whole file, as if read from `path`) exactly as
+/// [`Checkpoint::open`] validates each weight file, then decodes every tensor to its stored dtype
+/// and, for float types, to f32 as [`Checkpoint::load_as`] would. Returns the tensors in offset
+/// order.
+///
+/// The bytes-level entry point of the `safetensors` fuzz target (`fuzz/`): it exercises the same
+/// parser and decoders as a real open and load without a file system.
+#[doc(hidden)]
+pub fn check_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<Vec<TensorInfo>, CheckpointError> {
+    let header = header::parse_header(bytes, path)?;
+    let mut infos = Vec::with_capacity(header.entries.len());
+    for e in header.entries {
+        // parse_header checked end <= data section <= bytes.len(), so these fit usize.
+        let data = &bytes[(header.data_start + e.start) as usize..(header.data_start + e.end) as usize];
+        let candle = |source| CheckpointError::Candle {
+            tensor: e.name.clone(),
+            source,
+        };
+        candle_core::Tensor::from_raw_buffer(data, e.dtype, &e.shape, &candle_core::Device::Cpu)
+            .map_err(candle)?;
+        if let Some(t) = convert::convert_bytes(data, e.dtype, DType::F32, &e.shape) {
+            t.map_err(candle)?;
+        }
+        infos.push(TensorInfo {
+            name: e.name,
+            dtype: e.dtype,
+            shape: e.shape,
+            file: path.to_path_buf(),
+        });
+    }
+    Ok(infos)
 }
 
 /// The Hugging Face / PyTorch name of a dtype, as in `config.json`'s `torch_dtype`:

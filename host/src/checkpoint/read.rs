@@ -299,6 +299,61 @@ impl Checkpoint {
         }
     }
 
+    /// Checks the sizes `config.json` states against the weights: `vocab_size` and
+    /// `hidden_size` against the shape of `model.embed_tokens.weight` (rows and columns), and
+    /// `num_hidden_layers` against the decoder layers present (`model.layers.N.`). Keys found
+    /// neither at the top level nor under `text_config`, and tensors that are absent, are not
+    /// checked. transformers would fail on any of these mismatches with a less helpful message,
+    /// or silently build a different model.
+    pub fn check_config_shapes(&self) -> Result<(), CheckpointError> {
+        let path = self.dir.join("config.json");
+        let stated = |key: &str| -> Option<(String, u64)> {
+            match self.config.get(key) {
+                Some(v) => v.as_u64().map(|n| (key.to_string(), n)),
+                None => self
+                    .config
+                    .get("text_config")
+                    .and_then(|t| t.get(key))
+                    .and_then(Value::as_u64)
+                    .map(|n| (format!("text_config.{key}"), n)),
+            }
+        };
+        let wrong = |(key, stated): (String, u64), evidence: String| CheckpointError::ConfigShape {
+            path: path.clone(),
+            key,
+            stated,
+            evidence,
+        };
+        const EMBED: &str = "model.embed_tokens.weight";
+        if let Some(shape) = self.info(EMBED).map(|i| &i.shape).filter(|s| s.len() == 2) {
+            let evidence = || format!("tensor `{EMBED}` has shape {shape:?} ([vocab_size, hidden_size])");
+            for (key, dim) in [("vocab_size", shape[0]), ("hidden_size", shape[1])] {
+                if let Some(s) = stated(key).filter(|(_, n)| *n != dim as u64) {
+                    return Err(wrong(s, evidence()));
+                }
+            }
+        }
+        let layers = self
+            .order
+            .iter()
+            .filter_map(|n| n.strip_prefix("model.layers."))
+            .filter_map(|rest| rest.split('.').next()?.parse::<u64>().ok())
+            .max()
+            .map(|l| l + 1);
+        if let (Some(found), Some(s)) = (layers, stated("num_hidden_layers")) {
+            if s.1 != found {
+                return Err(wrong(
+                    s,
+                    format!(
+                        "the weights hold decoder layers `model.layers.0.` to `model.layers.{}.`",
+                        found - 1
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The tokenizer and generation files present in the directory, to copy into a derived
     /// checkpoint: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
     /// `tokenizer.model`, `vocab.json`, `merges.txt`, `generation_config.json`,

@@ -21,7 +21,10 @@ mod method;
 mod vocab;
 
 use crate::backend::CandleBackend;
-use crate::checkpoint::{dtype_name, Checkpoint, CheckpointError, CheckpointWriter, DType, OutTensor};
+use crate::checkpoint::{
+    dtype_name, scan_bytes, scan_tensor, Checkpoint, CheckpointError, CheckpointWriter, DType, NonFinite,
+    OutTensor,
+};
 use crate::config::{MergeConfig, TensorSite};
 use crate::plugins::{MergeCall, PluginError, Registry};
 use candle_core::Device;
@@ -100,6 +103,39 @@ pub enum MergeError {
     /// The run was interrupted (Ctrl-C).
     #[error("interrupted; nothing was written at the target")]
     Interrupted,
+    /// An input tensor holds NaN or infinite values (refused unless
+    /// [`MergeOptions::allow_nonfinite`]).
+    #[error(
+        "{}: tensor `{tensor}` holds {found}{converted}; merging would carry them into the output. \
+         Repair or re-export the model, or pass --allow-nonfinite to merge anyway (with a warning)",
+        file.display()
+    )]
+    NonFiniteInput {
+        /// The safetensors file holding the tensor.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What was found.
+        found: NonFinite,
+        /// ` after conversion to float16` when `dtype:` converted it at load, else empty.
+        converted: String,
+    },
+    /// The merged tensor holds NaN or infinite values although every input was finite (refused
+    /// unless [`MergeOptions::allow_nonfinite`]).
+    #[error(
+        "method `{method}` produced {found} in `{tensor}`{cause}; nothing was written. Pass \
+         --allow-nonfinite to write it anyway (with a warning)"
+    )]
+    NonFiniteOutput {
+        /// The merge method.
+        method: String,
+        /// The output tensor.
+        tensor: String,
+        /// What was found.
+        found: NonFinite,
+        /// Why, when known: the conversion to a narrower `out_dtype` overflowed.
+        cause: String,
+    },
 }
 
 /// How to run a merge.
@@ -117,6 +153,10 @@ pub struct MergeOptions {
     pub threads: Option<usize>,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Merge inputs holding NaN/Inf and write outputs holding them, with a warning naming the
+    /// file and tensor, instead of stopping with [`MergeError::NonFiniteInput`] /
+    /// [`MergeError::NonFiniteOutput`].
+    pub allow_nonfinite: bool,
 }
 
 impl MergeOptions {
@@ -129,6 +169,7 @@ impl MergeOptions {
             seed: 42,
             threads: None,
             progress: false,
+            allow_nonfinite: false,
         }
     }
 }
@@ -292,7 +333,9 @@ impl MergePlan {
         let mut index_of: HashMap<PathBuf, usize> = HashMap::new();
         for p in config.referenced_models() {
             if let std::collections::hash_map::Entry::Vacant(e) = index_of.entry(p) {
-                checkpoints.push(Checkpoint::open(e.key())?);
+                let ck = Checkpoint::open(e.key())?;
+                ck.check_config_shapes()?;
+                checkpoints.push(ck);
                 e.insert(checkpoints.len() - 1);
             }
         }
@@ -636,11 +679,95 @@ impl MergePlan {
         per.iter().take(threads.max(1)).sum()
     }
 
-    fn load(&self, input: &Input) -> Result<candle_core::Tensor, MergeError> {
+    fn load(&self, input: &Input, allow_nonfinite: bool) -> Result<candle_core::Tensor, MergeError> {
         let ck = &self.checkpoints[input.ckpt];
-        Ok(match self.config.dtype {
+        let t = match self.config.dtype {
             Some(dt) => ck.load_as(&input.tensor, dt)?,
             None => ck.load(&input.tensor)?,
+        };
+        let found = scan_tensor(&t).map_err(|e| MergeError::Backend {
+            tensor: input.tensor.clone(),
+            message: e.to_string(),
+        })?;
+        self.check_input(input, found, t.dtype(), allow_nonfinite)?;
+        Ok(t)
+    }
+
+    /// Refuses (or, when allowed, warns about) an input tensor holding NaN/Inf; `loaded` is the
+    /// dtype it was scanned in.
+    fn check_input(
+        &self,
+        input: &Input,
+        found: NonFinite,
+        loaded: DType,
+        allow_nonfinite: bool,
+    ) -> Result<(), MergeError> {
+        if found.is_none() {
+            return Ok(());
+        }
+        let info = self.checkpoints[input.ckpt]
+            .info(&input.tensor)
+            .expect("the layout checked every input exists");
+        let converted = if info.dtype == loaded {
+            String::new()
+        } else {
+            format!(" after conversion to {}", dtype_name(loaded))
+        };
+        if allow_nonfinite {
+            tracing::warn!(
+                file = %info.file.display(),
+                tensor = %input.tensor,
+                "input holds {found}{converted}; merging anyway (--allow-nonfinite)"
+            );
+            return Ok(());
+        }
+        Err(MergeError::NonFiniteInput {
+            file: info.file.clone(),
+            tensor: input.tensor.clone(),
+            found,
+            converted,
+        })
+    }
+
+    /// Refuses (or, when allowed, warns about) a merged tensor holding NaN/Inf. `merged` is the
+    /// method's result before the conversion to the output dtype, scanned only to tell the cause.
+    fn check_output(
+        &self,
+        job: &TensorJob,
+        written: &candle_core::Tensor,
+        merged: Option<&candle_core::Tensor>,
+        allow_nonfinite: bool,
+    ) -> Result<(), MergeError> {
+        let backend = |e: candle_core::Error| MergeError::Backend {
+            tensor: job.name.clone(),
+            message: e.to_string(),
+        };
+        let found = scan_tensor(written).map_err(backend)?;
+        if found.is_none() {
+            return Ok(());
+        }
+        let cause = match merged {
+            Some(m) if scan_tensor(m).map_err(backend)?.is_none() => format!(
+                " when converting the merged {} values to out_dtype {}, which overflows; choose a \
+                 wider out_dtype (bfloat16 or float32)",
+                dtype_name(m.dtype()),
+                dtype_name(job.out_dtype)
+            ),
+            _ => String::new(),
+        };
+        if allow_nonfinite {
+            tracing::warn!(
+                tensor = %job.name,
+                "method `{}` produced {found}{cause}; writing it anyway (--allow-nonfinite)",
+                self.method.name()
+            );
+            return Ok(());
+        }
+        Err(MergeError::NonFiniteOutput {
+            method: self.method.name().to_string(),
+            tensor: job.name.clone(),
+            found,
+            cause,
         })
     }
 
@@ -649,13 +776,14 @@ impl MergePlan {
     fn load_inputs(
         &self,
         job: &TensorJob,
+        allow_nonfinite: bool,
     ) -> Result<(Vec<candle_core::Tensor>, Option<candle_core::Tensor>), MergeError> {
         let all: Vec<&Input> = job.inputs.iter().chain(job.base.as_ref()).collect();
         let mut loaded: Vec<candle_core::Tensor> = Vec::with_capacity(all.len());
         for (k, i) in all.iter().enumerate() {
             let t = match all[..k].iter().position(|p| p == i) {
                 Some(prev) => loaded[prev].clone(),
-                None => self.load(i)?,
+                None => self.load(i, allow_nonfinite)?,
             };
             loaded.push(t);
         }
@@ -724,8 +852,9 @@ impl MergePlan {
         backend: &CandleBackend,
         job: &TensorJob,
         seed: u64,
+        allow_nonfinite: bool,
     ) -> Result<candle_core::Tensor, MergeError> {
-        let (models, base) = self.load_inputs(job)?;
+        let (models, base) = self.load_inputs(job, allow_nonfinite)?;
         let out = match &self.method {
             Method::Passthrough => {
                 let t = models
@@ -769,7 +898,12 @@ impl MergePlan {
                 out
             }
         };
-        self.to_out_dtype(job, out)
+        // Inputs were checked at load, so a non-finite value here is the method's (or the output
+        // conversion's) doing.
+        let converted = out.dtype() != job.out_dtype;
+        let written = self.to_out_dtype(job, out.clone())?;
+        self.check_output(job, &written, converted.then_some(&out), allow_nonfinite)?;
+        Ok(written)
     }
 
     /// Runs the plan: writes into a temporary directory beside `opts.out` and renames it into
@@ -797,14 +931,22 @@ impl MergePlan {
                         return Err(MergeError::Interrupted);
                     }
                     match self.raw_copy(job) {
-                        Some(bytes) => writer.write_raw(&job.name, bytes)?,
+                        Some(bytes) => {
+                            let found = scan_bytes(bytes, job.out_dtype);
+                            self.check_input(&job.inputs[0], found, job.out_dtype, opts.allow_nonfinite)
+                                .map_err(|e| MergeError::Tensor {
+                                    tensor: job.name.clone(),
+                                    source: Box::new(e),
+                                })?;
+                            writer.write_raw(&job.name, bytes)?
+                        }
                         None => {
-                            let t =
-                                self.merge_one(&backend, job, opts.seed)
-                                    .map_err(|e| MergeError::Tensor {
-                                        tensor: job.name.clone(),
-                                        source: Box::new(e),
-                                    })?;
+                            let t = self
+                                .merge_one(&backend, job, opts.seed, opts.allow_nonfinite)
+                                .map_err(|e| MergeError::Tensor {
+                                    tensor: job.name.clone(),
+                                    source: Box::new(e),
+                                })?;
                             writer.write_tensor(&job.name, &t)?;
                         }
                     }

@@ -80,6 +80,19 @@ impl ModelSpec {
         let required = |k: &str| md.usize(&key(k)).and_then(|v| dim(k, v));
         let hidden_size = required("embedding_length")?;
         let num_layers = required("block_count")?;
+        // Every block has at least nine tensors (four attention, three MLP, two norms). Refusing a
+        // count the file cannot hold keeps a damaged one from making the plan list millions of
+        // tensor names before it finds the first one missing (found by fuzzing).
+        if num_layers.saturating_mul(9) > shapes.len() {
+            return Err(md.bad(
+                &key("block_count"),
+                format!(
+                    "is {num_layers}, but the file holds only {} tensors and every block needs at \
+                     least 9",
+                    shapes.len()
+                ),
+            ));
+        }
         let num_heads = required("attention.head_count")?;
         let intermediate_size = required("feed_forward_length")?;
         let context_length = md.usize(&key("context_length"))?;
