@@ -8,7 +8,7 @@
 
 #![cfg(target_os = "linux")]
 
-use modelglue_e2e::{fixtures, mglue, read_tensors, run_mglue, text};
+use modelglue_e2e::{build_external, fixtures, mglue, read_tensors, run_mglue, text};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -407,6 +407,10 @@ fn a_file_size_limit_makes_the_write_fail_and_leaves_nothing() {
     let msg = text(&o);
     assert_eq!(o.status.code(), Some(2), "{msg}");
     assert!(msg.contains("File too large"), "the OS error is shown: {msg}");
+    assert!(
+        msg.contains("nothing is left at the target"),
+        "and what it means: {msg}"
+    );
     assert!(msg.contains("merged"), "the output is named: {msg}");
     assert!(!out.exists(), "no checkpoint at the target");
     assert!(
@@ -457,6 +461,10 @@ fn a_full_tmpfs_mid_merge_leaves_nothing_at_the_target() {
         msg.contains("No space left on device"),
         "the OS error is shown: {msg}"
     );
+    assert!(
+        msg.contains("Free space on that file system"),
+        "and what to do: {msg}"
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     let listing: Vec<&str> = stdout
         .lines()
@@ -474,26 +482,34 @@ fn a_full_tmpfs_mid_merge_leaves_nothing_at_the_target() {
 #[test]
 fn a_killed_merge_leaves_a_hidden_partial_that_the_next_run_removes() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // Large enough (about 45 MB of output) that the merge is still writing when killed.
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    write_model(&a, 512, 4, 4096, safetensors::Dtype::F32, smooth);
-    write_model(&b, 512, 4, 4096, safetensors::Dtype::F32, |t, i| smooth(t, i + 3));
+    small(&a, smooth);
+    small(&b, |t, i| smooth(t, i + 3));
     let out = tmp.path().join("merged");
-    let args = [
-        "merge",
-        "--method",
-        "linear",
-        "--model",
-        &w(&a),
-        "--model",
-        &w(&b),
-        "--threads",
-        "1",
-        "--out",
-        s(&out),
-    ];
+    // The drop-in test plugin's `fail_on` sleeps in every tensor, so the run is certainly still
+    // writing when it is killed.
+    let plugins = tmp.path().join("plugins");
+    build_external("dropin-plugin", "mglue_dropin_plugin", &[], &plugins);
     let mut child = Command::new(mglue())
-        .args(args)
+        .args([
+            "--plugin-dir",
+            s(&plugins),
+            "merge",
+            "--method",
+            "fail_on",
+            "--param",
+            "tensor=none",
+        ])
+        .args([
+            "--param",
+            "sleep_ms=200",
+            "--threads",
+            "1",
+            "--model",
+            s(&a),
+            "--out",
+            s(&out),
+        ])
         .env_remove("MGLUE_PLUGIN_PATH")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -505,7 +521,7 @@ fn a_killed_merge_leaves_a_hidden_partial_that_the_next_run_removes() {
             panic!("the merge ended ({status}) before it could be killed");
         }
         assert!(started.elapsed() < Duration::from_secs(60), "merge never started");
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().expect("SIGKILL");
     let status = child.wait().expect("wait");
@@ -518,7 +534,18 @@ fn a_killed_merge_leaves_a_hidden_partial_that_the_next_run_removes() {
         "hidden, and named after the target: {left:?}"
     );
 
-    let o = run_mglue(&args);
+    let (wa, wb) = (w(&a), w(&b));
+    let o = run_mglue(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        &wa,
+        "--model",
+        &wb,
+        "--out",
+        s(&out),
+    ]);
     let msg = text(&o);
     assert!(o.status.success(), "{msg}");
     assert!(
@@ -526,7 +553,7 @@ fn a_killed_merge_leaves_a_hidden_partial_that_the_next_run_removes() {
         "reported: {msg}"
     );
     assert!(partials(tmp.path()).is_empty(), "{:?}", partials(tmp.path()));
-    assert_eq!(read_tensors(&out).len(), 1 + 4 * 9 + 2);
+    assert_eq!(read_tensors(&out).len(), 1 + 2 * 9 + 2);
 }
 
 // ---- load ----------------------------------------------------------------------------------
