@@ -681,6 +681,38 @@ mod checkpoint {
     }
 
     #[test]
+    fn config_sizes_are_checked_against_the_weights() {
+        let header = r#"{"model.embed_tokens.weight":{"dtype":"U8","shape":[4,2],"data_offsets":[0,8]},"model.layers.0.w":{"dtype":"U8","shape":[1],"data_offsets":[8,9]},"model.layers.1.w":{"dtype":"U8","shape":[1],"data_offsets":[9,10]}}"#;
+        let tmp = broken_model("model.safetensors", &safetensors_bytes(header, 10));
+        let check = |config: &str| {
+            std::fs::write(tmp.path().join("config.json"), config).expect("config");
+            Checkpoint::open(tmp.path()).expect("opens").check_config_shapes()
+        };
+        check(r#"{"vocab_size":4,"hidden_size":2,"num_hidden_layers":2}"#).expect("consistent");
+        check(r#"{"text_config":{"vocab_size":4}}"#).expect("nested and consistent");
+        check(r#"{}"#).expect("nothing stated, nothing checked");
+        // One multi-token-prediction block stored as layer 1.
+        check(r#"{"num_hidden_layers":1,"num_nextn_predict_layers":1}"#).expect("MTP layer");
+        for (config, key) in [
+            (r#"{"vocab_size":5}"#, "`vocab_size` is 5"),
+            (
+                r#"{"text_config":{"hidden_size":3}}"#,
+                "`text_config.hidden_size` is 3",
+            ),
+            (r#"{"num_hidden_layers":3}"#, "`num_hidden_layers` is 3"),
+        ] {
+            let err = check(config).expect_err(config);
+            let msg = err.to_string();
+            assert!(
+                matches!(err, CheckpointError::ConfigShape { .. })
+                    && msg.contains(key)
+                    && msg.contains("config.json"),
+                "{config}: {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn dtype_names_follow_hugging_face() {
         assert_eq!(dtype_name(DType::BF16), "bfloat16");
         assert_eq!(dtype_name(DType::F32), "float32");

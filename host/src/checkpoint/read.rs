@@ -301,7 +301,8 @@ impl Checkpoint {
 
     /// Checks the sizes `config.json` states against the weights: `vocab_size` and
     /// `hidden_size` against the shape of `model.embed_tokens.weight` (rows and columns), and
-    /// `num_hidden_layers` against the decoder layers present (`model.layers.N.`). Keys found
+    /// `num_hidden_layers` against the decoder layers present (`model.layers.N.`, plus
+    /// `num_nextn_predict_layers` prediction blocks where the config has them). Keys found
     /// neither at the top level nor under `text_config`, and tensors that are absent, are not
     /// checked. transformers would fail on any of these mismatches with a less helpful message,
     /// or silently build a different model.
@@ -340,8 +341,11 @@ impl Checkpoint {
             .filter_map(|rest| rest.split('.').next()?.parse::<u64>().ok())
             .max()
             .map(|l| l + 1);
+        // Multi-token-prediction blocks (GLM-4.5, DeepSeek-V3) are stored as layers after the
+        // last decoder layer and counted by `num_nextn_predict_layers`.
+        let nextn = stated("num_nextn_predict_layers").map_or(0, |(_, n)| n);
         if let (Some(found), Some(s)) = (layers, stated("num_hidden_layers")) {
-            if s.1 != found {
+            if found != s.1 && found != s.1 + nextn {
                 return Err(wrong(
                     s,
                     format!(
