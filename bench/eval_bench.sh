@@ -123,7 +123,7 @@ diff_acc = diff_norm = n = 0
 for line in open(f"{work}/lm-eval-samples.jsonl"):
     s = json.loads(line)
     doc = s["doc"]
-    lls = [r[0] for r in s["filtered_resps"]]
+    lls = [float(r[0]) for r in s["filtered_resps"]]
     pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
     lens = [len(c) for c in doc["choices"]]
     pred_n = max(range(len(lls)), key=lambda i: (lls[i] / lens[i], -i))
