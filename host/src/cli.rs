@@ -52,6 +52,48 @@ enum Command {
     Score(ScoreArgs),
     /// Run the demo: build two small models, merge them with the `linear` plugin, compare.
     Demo(DemoArgs),
+    /// Make a model zoo (a synthetic-skills zoo trained here on CPU) or report on one.
+    #[command(subcommand)]
+    Zoo(ZooCommand),
+}
+
+#[derive(Subcommand)]
+enum ZooCommand {
+    /// Train the synthetic-skills zoo: a tiny-Llama base, skill experts fine-tuned from it, an
+    /// over-trained expert, a model of another initialisation and one of another shape.
+    Synth {
+        /// Where to write the zoo (models/, tasks/, zoo.toml).
+        #[arg(long, default_value = "target/zoo/synth")]
+        out: PathBuf,
+        /// How big: `full` (about 5 minutes on 2 cores) or `ci` (under a minute).
+        #[arg(long, value_enum, default_value = "full")]
+        preset: modelglue::zoo::Preset,
+        /// Seed of the data, the initialisations and the splits.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace an existing zoo at `--out`.
+        #[arg(long)]
+        overwrite: bool,
+        /// Skip the report after building.
+        #[arg(long)]
+        no_report: bool,
+    },
+    /// Score every model of a zoo on every skill (exact match, %).
+    Report {
+        /// The zoo's manifest (`zoo.toml`) or its directory.
+        #[arg(long, default_value = "target/zoo/synth")]
+        zoo: PathBuf,
+        /// Which split: `test` (held out) or `proxy` (what searches optimise).
+        #[arg(long, value_enum, default_value = "test")]
+        split: modelglue::zoo::Split,
+        /// Score the multiple-choice form (acc over four answers) instead of greedy generations
+        /// (exact match).
+        #[arg(long)]
+        choice: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -693,6 +735,60 @@ fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
+    use modelglue::zoo;
+    match c {
+        ZooCommand::Synth {
+            out,
+            preset,
+            seed,
+            overwrite,
+            no_report,
+        } => {
+            let plan = zoo::synth_plan(*preset, *seed);
+            if !quiet {
+                eprintln!(
+                    "training {} models ({} optimiser steps) into {}; about {:.0}s on 2 cores",
+                    plan.models.len(),
+                    plan.models.iter().map(|m| m.train.steps).sum::<usize>(),
+                    out.display(),
+                    zoo::estimate_seconds(&plan)
+                );
+            }
+            let mut progress = |line: &str| {
+                if !quiet {
+                    eprintln!("{line}");
+                }
+            };
+            let manifest = zoo::build_synth(&plan, out, *overwrite, &mut progress)?;
+            println!("zoo written to {}", out.join("zoo.toml").display());
+            if !no_report {
+                let report = zoo::report(&manifest, zoo::Split::Test, true)?;
+                println!(
+                    "\nheld-out test split, exact match % of greedy answers:\n\n{}",
+                    report.to_markdown()
+                );
+            }
+            Ok(())
+        }
+        ZooCommand::Report {
+            zoo: path,
+            split,
+            choice,
+            json,
+        } => {
+            let manifest = zoo::Manifest::load(path)?;
+            let report = zoo::report(&manifest, *split, !*choice)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_markdown());
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -705,6 +801,7 @@ pub fn main() -> i32 {
         Command::Score(a) => cmd_score(a),
         Command::Eval(a) => cmd_eval(a, cli.quiet),
         Command::Demo(a) => cmd_demo(&cli, a),
+        Command::Zoo(c) => cmd_zoo(c, cli.quiet),
     };
     match result {
         Ok(()) => 0,

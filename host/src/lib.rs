@@ -13,3 +13,4 @@ pub mod merge;
 pub mod plugins;
 pub mod runtime;
 pub mod testing;
+pub mod zoo;
