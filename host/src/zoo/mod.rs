@@ -202,6 +202,11 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         ffn: 256,
     };
     let all: Vec<(Skill, f64)> = Skill::ALL.iter().map(|&s| (s, 1.0)).collect();
+    // The base sees little of the easiest skill, so that its expert has something to add.
+    let base_mix: Vec<(Skill, f64)> = Skill::ALL
+        .iter()
+        .map(|&s| (s, if s == Skill::Swap { 0.2 } else { 1.0 }))
+        .collect();
     let (base_steps, ft_steps, proxy_items, test_items) = match preset {
         Preset::Full => (250, 400, 100, 200),
         Preset::Ci => (250, 300, 40, 60),
@@ -248,7 +253,7 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         "a",
         small,
         Init::Fresh(seed + 1),
-        spec(base_steps, 3e-3, all.clone(), seed + 2),
+        spec(base_steps, 3e-3, base_mix, seed + 2),
     )];
     match preset {
         Preset::Full => {
@@ -285,7 +290,7 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         }
         Preset::Ci => {
             models.push(expert("rev", &[Skill::Reverse], 1));
-            models.push(expert("swap", &[Skill::Swap], 3));
+            models.push(expert("dup", &[Skill::Double], 4));
             models.push(model(
                 "alien",
                 Role::Alien,
