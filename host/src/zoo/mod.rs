@@ -99,7 +99,7 @@ pub enum Preset {
 }
 
 /// What a model is in the zoo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The shared initialisation of its family.
