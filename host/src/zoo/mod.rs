@@ -71,13 +71,25 @@ pub enum ZooError {
     Checkpoint(#[from] CheckpointError),
     /// Scoring a model failed.
     #[error(transparent)]
-    Eval(#[from] crate::eval::EvalError),
+    Eval(Box<crate::eval::EvalError>),
     /// Running a model failed.
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
+    Runtime(Box<crate::runtime::RuntimeError>),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<crate::eval::EvalError> for ZooError {
+    fn from(e: crate::eval::EvalError) -> ZooError {
+        ZooError::Eval(Box::new(e))
+    }
+}
+
+impl From<crate::runtime::RuntimeError> for ZooError {
+    fn from(e: crate::runtime::RuntimeError) -> ZooError {
+        ZooError::Runtime(Box::new(e))
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ZooError + '_ {
