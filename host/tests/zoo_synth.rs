@@ -103,8 +103,8 @@ fn reduced_zoo_has_experts_that_beat_their_base() {
     for m in manifest.models.iter().filter(|m| m.role == Role::Expert) {
         for s in &m.skills {
             let (e, b) = (
-                report.score(&m.name, s.name()).unwrap(),
-                report.score("base", s.name()).unwrap(),
+                report.score(&m.name, s).unwrap(),
+                report.score("base", s).unwrap(),
             );
             assert!(
                 e >= b + 0.15,

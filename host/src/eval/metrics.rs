@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::score::Loglik;
+use super::score::{Loglik, TokenScore};
 use super::task::{Metric, TaskFormat};
 
 /// A metric's mean over the items and lm-eval's standard error of that mean (sample standard
@@ -96,6 +96,47 @@ impl ChoiceResult {
     }
 }
 
+/// One log-likelihood item: the continuation's score, token by token summed and counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoglikResult {
+    /// The item id.
+    pub id: String,
+    /// Summed log-probability of the continuation tokens.
+    pub loglik: f64,
+    /// Continuation tokens scored.
+    pub n_tokens: usize,
+    /// How many of them are the argmax of their logits.
+    pub n_greedy: usize,
+    /// Every continuation token is the argmax (`n_greedy == n_tokens`; lm-eval's `is_greedy`).
+    pub is_greedy: bool,
+    /// Context tokens.
+    pub n_ctx_tokens: usize,
+    /// Continuation token ids.
+    pub cont_token_ids: Vec<u32>,
+}
+
+impl LoglikResult {
+    /// The result of one request from its per-token scores.
+    pub fn new(
+        id: String,
+        tokens: &[TokenScore],
+        n_ctx_tokens: usize,
+        cont_token_ids: Vec<u32>,
+    ) -> LoglikResult {
+        let Loglik { loglik, is_greedy } = Loglik::of_tokens(tokens);
+        LoglikResult {
+            id,
+            loglik,
+            n_tokens: tokens.len(),
+            n_greedy: tokens.iter().filter(|t| t.is_argmax).count(),
+            is_greedy,
+            n_ctx_tokens,
+            cont_token_ids,
+        }
+    }
+}
+
 /// One generation item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationResult {
@@ -144,6 +185,9 @@ pub enum ItemResult {
     Code(CodeResult),
     /// Generation.
     Generation(GenerationResult),
+    /// A log-likelihood item. Last: the enum is untagged, and a log-likelihood result has none
+    /// of the fields the others require.
+    Loglik(LoglikResult),
 }
 
 impl ItemResult {
@@ -153,6 +197,15 @@ impl ItemResult {
             ItemResult::Choice(c) => &c.id,
             ItemResult::Generation(g) => &g.id,
             ItemResult::Code(c) => &c.id,
+            ItemResult::Loglik(l) => &l.id,
+        }
+    }
+
+    /// The log-likelihood result, if it is one.
+    pub fn as_loglik(&self) -> Option<&LoglikResult> {
+        match self {
+            ItemResult::Loglik(l) => Some(l),
+            _ => None,
         }
     }
 
@@ -186,6 +239,7 @@ impl ItemResult {
             (ItemResult::Choice(c), Metric::AccNorm) => Some(c.acc_norm),
             (ItemResult::Generation(g), Metric::ExactMatch) => Some(g.exact_match),
             (ItemResult::Code(c), Metric::PassAt1) => Some(c.pass_at_1),
+            (ItemResult::Loglik(l), Metric::Acc) => Some(f64::from(u8::from(l.is_greedy))),
             _ => None,
         }
     }
@@ -233,10 +287,7 @@ impl TaskResult {
     ) -> TaskResult {
         let metrics = metrics
             .iter()
-            .map(|&m| {
-                let values: Vec<f64> = items.iter().filter_map(|i| i.metric(m)).collect();
-                (m.name().to_string(), mean_stderr(&values))
-            })
+            .map(|&m| (m.name().to_string(), aggregate_metric(m, &items)))
             .collect();
         TaskResult {
             task: task.to_string(),
@@ -258,9 +309,15 @@ impl TaskResult {
         self.metrics.get(name).map(|m| m.value)
     }
 
-    /// The mean of the primary metric.
+    /// The value of the primary metric.
     pub fn primary(&self) -> f64 {
         self.metric(self.primary_metric.name()).unwrap_or(f64::NAN)
+    }
+
+    /// The primary metric oriented so that larger is better ([`Metric::fitness`]: a perplexity
+    /// is negated).
+    pub fn fitness(&self) -> f64 {
+        self.primary_metric.fitness(self.primary())
     }
 }
 
@@ -271,7 +328,8 @@ pub struct EvalReport {
     pub model: Option<String>,
     /// Per task, in the order run.
     pub tasks: Vec<TaskResult>,
-    /// Unweighted mean of the tasks' primary metrics (the fitness of a search).
+    /// Unweighted mean of the tasks' [`TaskResult::fitness`]: their primary metrics, negated
+    /// where lower is better (the fitness of a search).
     pub mean_primary: f64,
 }
 
@@ -281,13 +339,65 @@ impl EvalReport {
         let mean_primary = if tasks.is_empty() {
             f64::NAN
         } else {
-            tasks.iter().map(TaskResult::primary).sum::<f64>() / tasks.len() as f64
+            tasks.iter().map(TaskResult::fitness).sum::<f64>() / tasks.len() as f64
         };
         EvalReport {
             model,
             tasks,
             mean_primary,
         }
+    }
+}
+
+/// A metric over the items: the mean of a per-item value, or for the perplexities and
+/// `token_acc` a ratio of sums.
+fn aggregate_metric(m: Metric, items: &[ItemResult]) -> MetricValue {
+    let logliks: Vec<&LoglikResult> = items.iter().filter_map(ItemResult::as_loglik).collect();
+    let per_token = |num: &dyn Fn(&LoglikResult) -> f64| {
+        let pairs: Vec<(f64, f64)> = logliks.iter().map(|l| (num(l), l.n_tokens as f64)).collect();
+        ratio_stderr(&pairs)
+    };
+    match m {
+        Metric::Perplexity => {
+            let ll: Vec<f64> = logliks.iter().map(|l| l.loglik).collect();
+            exp_neg(mean_stderr(&ll))
+        }
+        Metric::TokenPerplexity => exp_neg(per_token(&|l| l.loglik)),
+        Metric::TokenAcc => per_token(&|l| l.n_greedy as f64),
+        _ => {
+            let values: Vec<f64> = items.iter().filter_map(|i| i.metric(m)).collect();
+            mean_stderr(&values)
+        }
+    }
+}
+
+/// `Σy / Σx` of `(y, x)` pairs and the standard error of that ratio estimator (the delta
+/// method: `sqrt(Σ (y - R x)² / (n (n - 1))) / mean(x)`; 0 for fewer than two pairs).
+fn ratio_stderr(pairs: &[(f64, f64)]) -> MetricValue {
+    let (sy, sx): (f64, f64) = pairs.iter().fold((0.0, 0.0), |(a, b), &(y, x)| (a + y, b + x));
+    if pairs.is_empty() || sx == 0.0 {
+        return MetricValue {
+            value: f64::NAN,
+            stderr: f64::NAN,
+        };
+    }
+    let r = sy / sx;
+    let n = pairs.len() as f64;
+    let stderr = if pairs.len() < 2 {
+        0.0
+    } else {
+        let ss: f64 = pairs.iter().map(|&(y, x)| (y - r * x).powi(2)).sum();
+        (ss / (n * (n - 1.0))).sqrt() / (sx / n)
+    };
+    MetricValue { value: r, stderr }
+}
+
+/// `exp(-m)` with its delta-method standard error `exp(-m) · se(m)`.
+fn exp_neg(m: MetricValue) -> MetricValue {
+    let value = (-m.value).exp();
+    MetricValue {
+        value,
+        stderr: value * m.stderr,
     }
 }
 

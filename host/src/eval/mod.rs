@@ -13,6 +13,16 @@
 //!   continuation tokens, `acc_norm` = argmax of that sum divided by the choice's length in
 //!   characters. `num_fewshot` examples (`text + " " + target + "\n\n"`, after the description)
 //!   come from a few-shot file, e.g. MMLU's dev rows of the same subject.
+//! - [`TaskFormat::Loglikelihood`] (LAMBADA): one request per item, context then
+//!   `target_delimiter + target` (as for a multiple-choice choice: lm-eval's own request has no
+//!   delimiter, so its `" " + last word` target is `target = "{{text.split(' ')[-1]}}"` here).
+//!   Per item: the continuation's loglik, its token count and how many of its tokens are the
+//!   greedy argmax. `perplexity` = exp(−mean of the items' loglik) (lm-eval's aggregation),
+//!   `token_perplexity` = exp(−Σ loglik / Σ tokens) (default, primary; lower is better),
+//!   `acc` = fraction of items whose every token is greedy (lm-eval's LAMBADA `acc`),
+//!   `token_acc` = Σ greedy tokens / Σ tokens (default). Their standard errors are the delta
+//!   method's (ratio estimators for the per-token ones). Searches maximise [`Metric::fitness`],
+//!   which negates a lower-is-better metric.
 //! - [`TaskFormat::Partial`] (WinoGrande): the blank of the sentence is filled with each option;
 //!   the shared rest of the sentence is the continuation scored after each option-filled prefix.
 //! - [`TaskFormat::Generate`] (GSM8K): greedy generation until a stop string, an answer extracted
@@ -54,10 +64,11 @@ pub use cache::{ModelKey, ScoreCache};
 pub use code::{brace_balanced_prefix, CodeRunner};
 pub use generate::{cut_at_stops, normalize_answer, Generation, Generator, INVALID_ANSWER};
 pub use metrics::{
-    mean_stderr, ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, MetricValue, TaskResult,
+    mean_stderr, ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, LoglikResult,
+    MetricValue, TaskResult,
 };
 pub use run::{EvalOptions, Evaluator, DEFAULT_MAX_LENGTH};
-pub use score::{Batching, Loglik, Scorer, TokenRequest};
+pub use score::{Batching, Loglik, Scorer, TokenRequest, TokenScore};
 pub use task::{
     ChoicesSpec, CodeSpec, FewshotSpec, GenerationSpec, Item, ItemRequests, LoglikRequest, Metric, PassRule,
     Postprocess, Task, TaskFormat, TaskOptions, TaskSpec,
@@ -97,6 +108,17 @@ pub enum EvalError {
         /// The task name.
         task: String,
         /// What is wrong and what to do about it.
+        reason: String,
+    },
+    /// A task file is well-formed TOML but cannot be used as it is ([`EvalError::TaskInvalid`]
+    /// raised while loading the file).
+    #[error("task file {} (task `{task}`): {reason}", path.display())]
+    TaskFileInvalid {
+        /// The TOML file.
+        path: PathBuf,
+        /// The task name.
+        task: String,
+        /// What is wrong (naming the key) and what to do about it.
         reason: String,
     },
     /// A line of a JSONL data file is not a JSON object.

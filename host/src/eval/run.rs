@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::cache::{ModelKey, ScoreCache};
 use super::code::{braces_balance, postprocess, CodeRunner};
 use super::generate::{AnswerRules, Generator};
-use super::metrics::{ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, TaskResult};
+use super::metrics::{
+    ChoiceResult, CodeResult, EvalReport, GenerationResult, ItemResult, LoglikResult, TaskResult,
+};
 use super::score::{Batching, Scorer, TokenRequest};
 use super::task::{Item, ItemRequests, Postprocess, Task, TaskFormat};
 use super::tokenize::EvalTokenizer;
@@ -137,6 +139,7 @@ impl<'a> Evaluator<'a> {
             let bar = self.progress_bar(task.name(), todo.len());
             let fresh = match task.spec().format {
                 TaskFormat::MultipleChoice | TaskFormat::Partial => self.score_choices(task, &todo, &bar)?,
+                TaskFormat::Loglikelihood => self.score_continuations(task, &todo, &bar)?,
                 TaskFormat::Generate => self.generate(task, &todo, &bar)?,
                 TaskFormat::Code => self.code(task, &todo, &bar)?,
             };
@@ -189,7 +192,7 @@ impl<'a> Evaluator<'a> {
                 return Err(EvalError::Item {
                     task: task.name().to_string(),
                     item: item.id.clone(),
-                    reason: "a generation item in a log-likelihood task".into(),
+                    reason: "an item without choices in a multiple-choice task".into(),
                 });
             };
             let group = requests
@@ -229,6 +232,55 @@ impl<'a> Evaluator<'a> {
             .collect())
     }
 
+    /// One request per item, scored token by token (through the same batching as choices).
+    fn score_continuations(
+        &self,
+        task: &Task,
+        items: &[Item],
+        bar: &ProgressBar,
+    ) -> Result<Vec<ItemResult>, EvalError> {
+        let groups = items
+            .iter()
+            .map(|item| {
+                let ItemRequests::Continuation { request } = &item.requests else {
+                    return Err(EvalError::Item {
+                        task: task.name().to_string(),
+                        item: item.id.clone(),
+                        reason: "an item with choices or a generation in a loglikelihood task".into(),
+                    });
+                };
+                let (context, continuation) = self
+                    .tokenizer
+                    .encode_pair(&request.context, &request.continuation)?;
+                Ok(vec![TokenRequest {
+                    context,
+                    continuation,
+                }])
+            })
+            .collect::<Result<Vec<_>, EvalError>>()?;
+        let scorer = Scorer::new(
+            self.model,
+            self.max_length(),
+            self.opts.batching,
+            self.opts.token_budget,
+        );
+        let scores = scorer.score_tokens(&groups, &mut |n| bar.inc(n as u64))?;
+        Ok(items
+            .iter()
+            .zip(groups)
+            .zip(scores)
+            .map(|((item, mut group), tokens)| {
+                let r = group.remove(0);
+                ItemResult::Loglik(LoglikResult::new(
+                    item.id.clone(),
+                    &tokens[0],
+                    r.context.len(),
+                    r.continuation,
+                ))
+            })
+            .collect())
+    }
+
     fn generate(&self, task: &Task, items: &[Item], bar: &ProgressBar) -> Result<Vec<ItemResult>, EvalError> {
         let invalid = |reason: String| EvalError::TaskInvalid {
             task: task.name().to_string(),
@@ -248,9 +300,9 @@ impl<'a> Evaluator<'a> {
                     contexts.push(context.clone());
                     targets.push(target.clone());
                 }
-                ItemRequests::Choices { .. } => {
+                ItemRequests::Choices { .. } | ItemRequests::Continuation { .. } => {
                     return Err(invalid(format!(
-                        "item `{}` has choices in a generation task",
+                        "item `{}` has log-likelihood requests in a generation task",
                         item.id
                     )))
                 }
@@ -300,7 +352,9 @@ impl<'a> Evaluator<'a> {
             .iter()
             .map(|item| match &item.requests {
                 ItemRequests::Generate { context, .. } => Ok(context.clone()),
-                ItemRequests::Choices { .. } => Err(invalid("an item with choices in a code task")),
+                ItemRequests::Choices { .. } | ItemRequests::Continuation { .. } => {
+                    Err(invalid("an item with log-likelihood requests in a code task"))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let generator = Generator::new(

@@ -34,6 +34,26 @@ pub struct Loglik {
     pub is_greedy: bool,
 }
 
+/// The score of one continuation token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TokenScore {
+    /// `log p(token | everything before it)`, the log-softmax computed in f64 from the logits.
+    pub logprob: f64,
+    /// Whether the token is the argmax of its logits (first index on ties, as torch's `argmax`).
+    pub is_argmax: bool,
+}
+
+impl Loglik {
+    /// The sum and the all-greedy flag of a request's token scores (lm-eval's `(logprob,
+    /// is_greedy)`).
+    pub fn of_tokens(tokens: &[TokenScore]) -> Loglik {
+        Loglik {
+            loglik: tokens.iter().map(|t| t.logprob).sum(),
+            is_greedy: tokens.iter().all(|t| t.is_argmax),
+        }
+    }
+}
+
 /// How requests are packed into forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +114,20 @@ impl<'m> Scorer<'m> {
         groups: &[Vec<TokenRequest>],
         done: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<Loglik>>, EvalError> {
+        Ok(self
+            .score_tokens(groups, done)?
+            .iter()
+            .map(|g| g.iter().map(|tokens| Loglik::of_tokens(tokens)).collect())
+            .collect())
+    }
+
+    /// As [`Scorer::score`], but per continuation token: the result has the shape of `groups`,
+    /// with one [`TokenScore`] per continuation token of each request, in order.
+    pub fn score_tokens(
+        &self,
+        groups: &[Vec<TokenRequest>],
+        done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<Vec<TokenScore>>>, EvalError> {
         let mut prepared = Vec::with_capacity(groups.len());
         let mut offset = 0;
         for g in groups {
@@ -112,9 +146,11 @@ impl<'m> Scorer<'m> {
             .into_iter()
             .map(|g| {
                 g.into_iter()
-                    .map(|per_token| Loglik {
-                        loglik: per_token.iter().map(|t| t.0).sum(),
-                        is_greedy: per_token.iter().all(|t| t.1),
+                    .map(|per_token| {
+                        per_token
+                            .into_iter()
+                            .map(|(logprob, is_argmax)| TokenScore { logprob, is_argmax })
+                            .collect()
                     })
                     .collect()
             })

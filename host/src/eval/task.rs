@@ -19,6 +19,10 @@ use super::EvalError;
 pub enum TaskFormat {
     /// One log-likelihood request per choice: `context`, then `target_delimiter + choice`.
     MultipleChoice,
+    /// One log-likelihood request per item (lm-eval's `output_type: loglikelihood`, LAMBADA):
+    /// `context`, then `target_delimiter + target`; perplexity and greedy-token accuracy of the
+    /// continuation.
+    Loglikelihood,
     /// WinoGrande's partial scoring: the blank of `text` is filled with each choice; the rest of
     /// the sentence after the blank is the continuation, scored after each filled prefix.
     Partial,
@@ -33,6 +37,7 @@ impl fmt::Display for TaskFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TaskFormat::MultipleChoice => "multiple_choice",
+            TaskFormat::Loglikelihood => "loglikelihood",
             TaskFormat::Partial => "partial",
             TaskFormat::Generate => "generate",
             TaskFormat::Code => "code",
@@ -44,7 +49,8 @@ impl fmt::Display for TaskFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
-    /// Accuracy of argmax(loglik).
+    /// Accuracy of argmax(loglik); for [`TaskFormat::Loglikelihood`], the fraction of items
+    /// whose every continuation token is the greedy argmax (lm-eval's `acc` of LAMBADA).
     Acc,
     /// Accuracy of argmax(loglik / length of the choice in characters).
     AccNorm,
@@ -53,6 +59,14 @@ pub enum Metric {
     /// Fraction of programs that pass their tests, one greedy sample each (code tasks).
     #[serde(rename = "pass@1")]
     PassAt1,
+    /// `exp(-mean over items of the continuation's loglik)`: lm-eval's `perplexity`
+    /// aggregation (LAMBADA), a per-item, not per-token, perplexity. Lower is better.
+    Perplexity,
+    /// `exp(-Σ loglik / Σ continuation tokens)`: the perplexity per continuation token. Lower
+    /// is better.
+    TokenPerplexity,
+    /// `Σ greedy continuation tokens / Σ continuation tokens`: next-token accuracy.
+    TokenAcc,
 }
 
 impl Metric {
@@ -63,6 +77,24 @@ impl Metric {
             Metric::AccNorm => "acc_norm",
             Metric::ExactMatch => "exact_match",
             Metric::PassAt1 => "pass@1",
+            Metric::Perplexity => "perplexity",
+            Metric::TokenPerplexity => "token_perplexity",
+            Metric::TokenAcc => "token_acc",
+        }
+    }
+
+    /// Whether a larger value is a better model (false for the perplexities), as lm-eval's
+    /// `higher_is_better`.
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Metric::Perplexity | Metric::TokenPerplexity)
+    }
+
+    /// `value` oriented so that larger is better: negated for a lower-is-better metric.
+    pub fn fitness(self, value: f64) -> f64 {
+        if self.higher_is_better() {
+            value
+        } else {
+            -value
         }
     }
 }
@@ -256,7 +288,8 @@ pub struct TaskSpec {
     #[serde(default)]
     pub choices: Option<ChoicesSpec>,
     /// The gold answer (lm-eval's `doc_to_target`): a field or template giving the index of the
-    /// right choice or its text; for generation, the reference text.
+    /// right choice or its text; for generation, the reference text; for
+    /// [`TaskFormat::Loglikelihood`], the continuation scored (after `target_delimiter`).
     #[serde(default)]
     pub target: Option<String>,
     /// Between the context and a choice or a few-shot target (default `" "`).
@@ -269,10 +302,11 @@ pub struct TaskSpec {
     #[serde(default = "default_blank")]
     pub blank: String,
     /// Metrics to report (default: `acc` and `acc_norm` for multiple choice, `acc` for partial,
-    /// `exact_match` for generation).
+    /// `exact_match` for generation, `token_perplexity` and `token_acc` for loglikelihood).
     #[serde(default)]
     pub metrics: Vec<Metric>,
-    /// The metric a search optimises (default: the first of `metrics`).
+    /// The metric a search optimises (default: the first of `metrics`). Searches maximise
+    /// [`Metric::fitness`]: a perplexity is minimised.
     #[serde(default)]
     pub primary_metric: Option<Metric>,
     /// Few-shot examples.
@@ -302,6 +336,7 @@ impl TaskSpec {
         }
         match self.format {
             TaskFormat::MultipleChoice => vec![Metric::Acc, Metric::AccNorm],
+            TaskFormat::Loglikelihood => vec![Metric::TokenPerplexity, Metric::TokenAcc],
             TaskFormat::Partial => vec![Metric::Acc],
             TaskFormat::Generate => vec![Metric::ExactMatch],
             TaskFormat::Code => vec![Metric::PassAt1],
@@ -346,6 +381,11 @@ pub enum ItemRequests {
         /// The acc_norm normaliser of each choice: its length in characters (Unicode scalar
         /// values, as Python's `len`), without the delimiter.
         choice_len_chars: Vec<usize>,
+    },
+    /// One continuation scored after its context ([`TaskFormat::Loglikelihood`]).
+    Continuation {
+        /// The request.
+        request: LoglikRequest,
     },
     /// A greedy generation.
     Generate {
@@ -392,13 +432,28 @@ pub struct Task {
 /// that cached scores of the old version are not reused.
 const REQUEST_VERSION: &str = "modelglue-eval-requests-1";
 
+/// The metrics of a log-likelihood task.
+const LOGLIKELIHOOD_METRICS: [Metric; 4] = [
+    Metric::Perplexity,
+    Metric::TokenPerplexity,
+    Metric::Acc,
+    Metric::TokenAcc,
+];
+
 impl Task {
     /// Reads a task TOML file and its data.
     pub fn load(path: &Path, opts: &TaskOptions) -> Result<Task, EvalError> {
         let text = std::fs::read_to_string(path).map_err(|e| EvalError::io("read", path, e))?;
         let spec = TaskSpec::from_toml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Task::from_spec(spec, base, opts)
+        Task::from_spec(spec, base, opts).map_err(|e| match e {
+            EvalError::TaskInvalid { task, reason } => EvalError::TaskFileInvalid {
+                path: path.to_path_buf(),
+                task,
+                reason,
+            },
+            other => other,
+        })
     }
 
     /// Every `*.toml` of a directory, in file name order.
@@ -437,6 +492,48 @@ impl Task {
                 }
                 if spec.metrics().contains(&Metric::ExactMatch) {
                     return Err(invalid("`exact_match` is a metric of generation tasks".into()));
+                }
+                if let Some(m) = spec
+                    .metrics()
+                    .into_iter()
+                    .find(|m| !matches!(m, Metric::Acc | Metric::AccNorm))
+                {
+                    return Err(invalid(format!(
+                        "`metrics`: `{}` is not a metric of format `{}` (it has `acc`, `acc_norm`)",
+                        m.name(),
+                        spec.format
+                    )));
+                }
+            }
+            TaskFormat::Loglikelihood => {
+                if spec.target.is_none() {
+                    return Err(invalid(
+                        "format `loglikelihood` needs `target` (the field or template giving the \
+                         continuation scored after `text` and `target_delimiter`)"
+                            .into(),
+                    ));
+                }
+                if spec.choices.is_some() {
+                    return Err(invalid(
+                        "format `loglikelihood` scores one continuation, `target`; remove `choices` \
+                         (or use format `multiple_choice`)"
+                            .into(),
+                    ));
+                }
+                if let Some(m) = spec
+                    .metrics()
+                    .into_iter()
+                    .find(|m| !LOGLIKELIHOOD_METRICS.contains(m))
+                {
+                    let names: Vec<String> = LOGLIKELIHOOD_METRICS
+                        .iter()
+                        .map(|m| format!("`{}`", m.name()))
+                        .collect();
+                    return Err(invalid(format!(
+                        "`metrics`: `{}` is not a metric of format `loglikelihood` (it has {})",
+                        m.name(),
+                        names.join(", ")
+                    )));
                 }
             }
             TaskFormat::Generate => {
@@ -636,6 +733,12 @@ impl Task {
                     gold,
                 }
             }
+            TaskFormat::Loglikelihood => ItemRequests::Continuation {
+                request: LoglikRequest {
+                    context: prefix + &self.text(doc)?,
+                    continuation: format!("{delim}{}", self.loglik_target(doc)?),
+                },
+            },
             TaskFormat::Generate | TaskFormat::Code => ItemRequests::Generate {
                 context: prefix + &self.text(doc)?,
                 target: match &self.spec.target {
@@ -696,6 +799,7 @@ impl Task {
                     let (contexts, continuation) = self.partial(ex, &options)?;
                     (contexts[gold].clone(), continuation)
                 }
+                TaskFormat::Loglikelihood => (self.text(ex)?, self.loglik_target(ex)?),
                 TaskFormat::Generate | TaskFormat::Code => (
                     self.text(ex)?,
                     self.render(ex, "target", self.spec.target.as_deref().unwrap_or(""))?,
@@ -771,6 +875,12 @@ impl Task {
                 item: Some(doc.id.clone()),
                 source,
             })
+    }
+
+    /// The continuation of a log-likelihood item, without the delimiter.
+    fn loglik_target(&self, doc: &Doc) -> Result<String, EvalError> {
+        let source = self.spec.target.as_deref().unwrap_or("");
+        self.render(doc, "target", source)
     }
 
     fn choices(&self, doc: &Doc) -> Result<Vec<String>, EvalError> {

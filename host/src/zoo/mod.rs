@@ -15,8 +15,11 @@
 //! # }
 //! ```
 
+mod autograd;
+pub mod lora;
 mod report;
 pub mod skills;
+pub mod smollm2;
 mod train;
 
 use std::collections::HashSet;
@@ -138,6 +141,7 @@ pub enum Init {
 
 /// One model of a zoo plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelPlan {
     /// Its name (also its directory under `models/`).
     pub name: String,
@@ -168,6 +172,7 @@ impl ModelPlan {
 
 /// A whole synthetic zoo: what to train, and the evaluation splits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SynthPlan {
     /// The preset it came from.
     pub preset: Preset,
@@ -326,43 +331,48 @@ pub struct ZooModel {
     /// The model it was fine-tuned from, if any.
     #[serde(default)]
     pub parent: Option<String>,
-    /// Its specialities.
+    /// Its specialities (skill names of the manifest).
     #[serde(default)]
-    pub skills: Vec<Skill>,
-    /// Optimiser steps it was trained for.
+    pub skills: Vec<String>,
+    /// Optimiser steps it was trained for here (0: made without training).
+    #[serde(default)]
     pub steps: usize,
-    /// Final training loss (mean of the last 20 steps).
-    pub final_loss: f32,
+    /// Final training loss (mean of the last 20 steps), if trained here.
+    #[serde(default)]
+    pub final_loss: Option<f32>,
 }
 
 /// One skill of a built zoo and its task files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZooSkill {
-    /// The skill.
-    pub name: Skill,
+    /// The skill's name (a [`Skill::name`] in a synthetic zoo, a domain in the SmolLM2 zoo).
+    pub name: String,
     /// What it asks.
     pub description: String,
     /// The proxy task (TOML, relative to the manifest): what searches optimise.
     pub proxy: PathBuf,
     /// The held-out test task (TOML, relative to the manifest): what reports show.
     pub test: PathBuf,
-    /// The proxy items as a generation task (greedy, exact match).
-    pub proxy_generate: PathBuf,
-    /// The test items as a generation task (greedy, exact match).
-    pub test_generate: PathBuf,
+    /// The proxy items as a generation task (greedy, exact match), where there is one.
+    #[serde(default)]
+    pub proxy_generate: Option<PathBuf>,
+    /// The test items as a generation task (greedy, exact match), where there is one.
+    #[serde(default)]
+    pub test_generate: Option<PathBuf>,
 }
 
 /// `zoo.toml`: the models of a zoo, their skills and the task files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// The zoo's kind (`synth`).
+    /// The zoo's kind (`synth`, `smollm2`).
     pub kind: String,
     /// The seed it was built from.
     pub seed: u64,
-    /// The preset it was built from.
-    pub preset: Preset,
+    /// The preset it was built from (synthetic zoos).
+    #[serde(default)]
+    pub preset: Option<Preset>,
     /// The skills.
     #[serde(rename = "skill")]
     pub skills: Vec<ZooSkill>,
@@ -401,12 +411,11 @@ impl Manifest {
             }
         }
         for skill in &m.skills {
-            for task in [
-                &skill.proxy,
-                &skill.test,
-                &skill.proxy_generate,
-                &skill.test_generate,
-            ] {
+            let generated = [&skill.proxy_generate, &skill.test_generate];
+            for task in [&skill.proxy, &skill.test]
+                .into_iter()
+                .chain(generated.into_iter().flatten())
+            {
                 if !m.dir.join(task).is_file() {
                     return Err(ZooError::Manifest {
                         path: path.clone(),
@@ -428,17 +437,19 @@ impl Manifest {
         self.dir.join(&model.path)
     }
 
-    /// The task files of a split, in skill order: multiple choice (acc), or with `generate` the
-    /// same items generated greedily (exact match).
+    /// The task files of a split, in skill order: the skill's own task, or with `generate` the
+    /// same items generated greedily (exact match) where the skill has that form.
     pub fn tasks(&self, split: Split, generate: bool) -> Vec<PathBuf> {
         self.skills
             .iter()
             .map(|s| {
-                self.dir.join(match (split, generate) {
-                    (Split::Proxy, false) => &s.proxy,
-                    (Split::Test, false) => &s.test,
-                    (Split::Proxy, true) => &s.proxy_generate,
-                    (Split::Test, true) => &s.test_generate,
+                let (own, generated) = match split {
+                    Split::Proxy => (&s.proxy, &s.proxy_generate),
+                    Split::Test => (&s.test, &s.test_generate),
+                };
+                self.dir.join(match generated {
+                    Some(g) if generate => g,
+                    _ => own,
                 })
             })
             .collect()
@@ -513,12 +524,12 @@ fn write_tasks(
         }
         let n = skill.name();
         out.push(ZooSkill {
-            name: skill,
+            name: n.to_string(),
             description: skill.description().to_string(),
             proxy: PathBuf::from(format!("tasks/{n}_proxy.toml")),
             test: PathBuf::from(format!("tasks/{n}_test.toml")),
-            proxy_generate: PathBuf::from(format!("tasks/{n}_proxy_gen.toml")),
-            test_generate: PathBuf::from(format!("tasks/{n}_test_gen.toml")),
+            proxy_generate: Some(PathBuf::from(format!("tasks/{n}_proxy_gen.toml"))),
+            test_generate: Some(PathBuf::from(format!("tasks/{n}_test_gen.toml"))),
         });
     }
     Ok(out)
@@ -560,10 +571,10 @@ fn train_one(m: &ModelPlan, dir: &Path, held_out: &HashSet<String>) -> Result<(Z
         skills: if m.role == Role::Base {
             Vec::new()
         } else {
-            m.skills()
+            m.skills().iter().map(|s| s.name().to_string()).collect()
         },
         steps: m.train.steps,
-        final_loss,
+        final_loss: Some(final_loss),
     };
     Ok((zm, line))
 }
@@ -577,6 +588,17 @@ pub fn build_synth(
     out: &Path,
     overwrite: bool,
     progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, ZooError> {
+    atomic_build(out, overwrite, |dir| build_into(plan, dir, progress))
+}
+
+/// Runs `build` on a fresh temporary directory beside `out`, writes the manifest it returns as
+/// `zoo.toml` there, and renames the directory to `out` (replacing it only with `overwrite`); on
+/// failure the temporary directory is removed and `out` is untouched.
+fn atomic_build(
+    out: &Path,
+    overwrite: bool,
+    build: impl FnOnce(&Path) -> Result<Manifest, ZooError>,
 ) -> Result<Manifest, ZooError> {
     if out.exists() && !overwrite {
         return Err(ZooError::Io {
@@ -598,7 +620,19 @@ pub fn build_synth(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let result = build_into(plan, &tmp, progress);
+    let result = build(&tmp).and_then(|manifest| {
+        let header = match manifest.preset {
+            Some(p) => format!(
+                "# A synthetic-skills zoo made by `mglue zoo synth` (preset {p:?}, seed {}).\n",
+                manifest.seed
+            ),
+            None => format!("# A model zoo made by `mglue zoo {}`.\n", manifest.kind),
+        };
+        let text = header + &toml::to_string_pretty(&manifest).expect("the manifest serialises");
+        let path = tmp.join("zoo.toml");
+        std::fs::write(&path, text).map_err(io(&path))?;
+        Ok(manifest)
+    });
     let manifest = match result {
         Ok(m) => m,
         Err(e) => {
@@ -667,21 +701,12 @@ fn build_into(plan: &SynthPlan, dir: &Path, progress: &mut dyn FnMut(&str)) -> R
         }
     }
     let models: Vec<ZooModel> = done.into_iter().flatten().collect();
-    let manifest = Manifest {
+    Ok(Manifest {
         kind: "synth".into(),
         seed: plan.seed,
-        preset: plan.preset,
+        preset: Some(plan.preset),
         skills,
         models,
         dir: dir.to_path_buf(),
-    };
-    let text = format!(
-        "# A synthetic-skills zoo made by `mglue zoo synth` (preset {:?}, seed {}).\n{}",
-        plan.preset,
-        plan.seed,
-        toml::to_string_pretty(&manifest).expect("the manifest serialises")
-    );
-    let path = dir.join("zoo.toml");
-    std::fs::write(&path, text).map_err(io(&path))?;
-    Ok(manifest)
+    })
 }

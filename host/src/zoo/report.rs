@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{Manifest, Role, Split, ZooError};
 use crate::checkpoint::Checkpoint;
-use crate::eval::{EvalOptions, EvalTokenizer, Evaluator, Task, TaskOptions};
+use crate::eval::{EvalOptions, EvalTokenizer, Evaluator, Task, TaskFormat, TaskOptions};
 use crate::runtime::Model;
 
 /// Scores of every model on every skill (0–1).
@@ -14,10 +14,14 @@ use crate::runtime::Model;
 pub struct ZooReport {
     /// The split scored.
     pub split: Split,
-    /// The metric: `acc` (multiple choice) or `exact_match` (generation).
+    /// The metric: `acc` (multiple choice) or `exact_match` (generation); `mixed` when the
+    /// columns differ.
     pub metric: String,
-    /// Skill names, in column order.
+    /// Column names, in order: a skill's name, or `skill metric` where a skill has two columns
+    /// (log-likelihood tasks: `token_perplexity` and `token_acc`).
     pub skills: Vec<String>,
+    /// Per column: whether lower is better (perplexities).
+    pub lower_is_better: Vec<bool>,
     /// One row per model.
     pub rows: Vec<ReportRow>,
 }
@@ -31,9 +35,10 @@ pub struct ReportRow {
     pub role: Role,
     /// Its specialities.
     pub speciality: Vec<String>,
-    /// The metric per skill, in [`ZooReport::skills`] order.
+    /// The metric per column, in [`ZooReport::skills`] order (fractions; perplexities as they
+    /// are).
     pub scores: Vec<f64>,
-    /// Mean over the skills.
+    /// Mean over the higher-is-better columns.
     pub mean: f64,
 }
 
@@ -53,26 +58,34 @@ impl ZooReport {
             self.skills.join(" | ")
         );
         let _ = writeln!(s, "|---|---|---|{}---|", "---:|".repeat(self.skills.len()));
+        let lower = |c: usize| self.lower_is_better.get(c).copied().unwrap_or(false);
         let best: Vec<f64> = (0..=self.skills.len())
             .map(|c| {
-                self.rows
-                    .iter()
-                    .map(|r| {
-                        if c < self.skills.len() {
-                            r.scores[c]
-                        } else {
-                            r.mean
-                        }
-                    })
-                    .fold(f64::MIN, f64::max)
+                let values = self.rows.iter().map(|r| {
+                    if c < self.skills.len() {
+                        r.scores[c]
+                    } else {
+                        r.mean
+                    }
+                });
+                if lower(c) {
+                    values.fold(f64::MAX, f64::min)
+                } else {
+                    values.fold(f64::MIN, f64::max)
+                }
             })
             .collect();
         for r in &self.rows {
             let cell = |v: f64, c: usize| {
-                if v == best[c] {
-                    format!("**{:.1}**", 100.0 * v)
+                let text = if lower(c) {
+                    format!("{v:.2}")
                 } else {
                     format!("{:.1}", 100.0 * v)
+                };
+                if v == best[c] {
+                    format!("**{text}**")
+                } else {
+                    text
                 }
             };
             let cells: Vec<String> = r.scores.iter().enumerate().map(|(c, &v)| cell(v, c)).collect();
@@ -107,6 +120,8 @@ pub fn report(manifest: &Manifest, split: Split, generate: bool) -> Result<ZooRe
         .map(|p| Task::load(p, &task_opts))
         .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
+    // (column name, lower is better, metric)
+    let mut columns: Vec<(String, bool, String)> = Vec::new();
     for m in &manifest.models {
         let ckpt = Checkpoint::open(&manifest.model_dir(m))?;
         let model = Model::load(&ckpt)?;
@@ -117,28 +132,53 @@ pub fn report(manifest: &Manifest, split: Split, generate: bool) -> Result<ZooRe
             ..EvalOptions::default()
         };
         let eval = Evaluator::new(&model, &tok, opts);
-        let scores: Vec<f64> = tasks
+        let mut scores = Vec::new();
+        columns.clear();
+        for (t, skill) in tasks.iter().zip(&manifest.skills) {
+            let r = eval.run(t)?;
+            if r.format == TaskFormat::Loglikelihood {
+                for (metric, lower) in [("token_perplexity", true), ("token_acc", false)] {
+                    let v = r
+                        .metric(metric)
+                        .ok_or_else(|| crate::eval::EvalError::TaskInvalid {
+                            task: t.name().to_string(),
+                            reason: format!("a zoo log-likelihood task must report `{metric}`"),
+                        })?;
+                    scores.push(v);
+                    let short = if lower { "ppl" } else { "acc" };
+                    columns.push((format!("{} {short}", skill.name), lower, metric.to_string()));
+                }
+            } else {
+                scores.push(r.primary());
+                columns.push((skill.name.clone(), false, r.primary_metric.name().to_string()));
+            }
+        }
+        let up: Vec<f64> = scores
             .iter()
-            .map(|t| eval.run(t).map(|r| r.primary()))
-            .collect::<Result<_, _>>()?;
-        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+            .zip(&columns)
+            .filter(|(_, c)| !c.1)
+            .map(|(v, _)| *v)
+            .collect();
+        let mean = up.iter().sum::<f64>() / up.len().max(1) as f64;
         rows.push(ReportRow {
             model: m.name.clone(),
             role: m.role,
-            speciality: m.skills.iter().map(|s| s.name().to_string()).collect(),
+            speciality: m.skills.clone(),
             scores,
             mean,
         });
     }
-    let metric = if generate { "exact_match" } else { "acc" }.to_string();
+    let mut metrics: Vec<&str> = columns.iter().map(|c| c.2.as_str()).collect();
+    metrics.dedup();
+    let metric = match metrics.as_slice() {
+        [one] => one.to_string(),
+        _ => "mixed".to_string(),
+    };
     Ok(ZooReport {
         split,
         metric,
-        skills: manifest
-            .skills
-            .iter()
-            .map(|s| s.name.name().to_string())
-            .collect(),
+        skills: columns.iter().map(|c| c.0.clone()).collect(),
+        lower_is_better: columns.iter().map(|c| c.1).collect(),
         rows,
     })
 }

@@ -10,16 +10,18 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
+use super::autograd::{hidden_states, schedule, scored_loss, Batch, Dims, Weights};
 use super::skills::{encode, tokenizer_json, vocab_size, Example, Rng, Sampler, Skill};
 use super::ZooError;
 use crate::checkpoint::{Checkpoint, CheckpointWriter, OutTensor};
 
 /// The shape of a tiny Llama.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Shape {
     /// Residual width.
     pub hidden: usize,
@@ -85,6 +87,7 @@ const ROPE_THETA: f64 = 10000.0;
 
 /// How one model is trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     /// Optimiser steps.
     pub steps: usize,
@@ -107,11 +110,6 @@ pub struct TrainModel {
     shape: Shape,
     names: Vec<String>,
     vars: Vec<Var>,
-}
-
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
 }
 
 impl TrainModel {
@@ -161,93 +159,23 @@ impl TrainModel {
         self.shape
     }
 
-    fn get(&self, name: &str) -> &Tensor {
-        let i = self
-            .names
-            .iter()
-            .position(|n| n == name)
-            .expect("names come from the layout");
-        self.vars[i].as_tensor()
-    }
-
-    fn rope(&self, len: usize) -> Result<Rope, ZooError> {
-        let d = self.shape.head_dim();
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| (1.0 / ROPE_THETA.powf(2.0 * i as f64 / d as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(len * d);
-        let mut sin = Vec::with_capacity(len * d);
-        for p in 0..len {
-            // The two halves of a head share frequencies (rotate_half pairs i with i + d/2).
-            for _half in 0..2 {
-                for &f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
+    fn dims(&self) -> Dims {
+        Dims {
+            hidden: self.shape.hidden,
+            layers: self.shape.layers,
+            heads: self.shape.heads,
+            kv_heads: self.shape.heads,
+            head_dim: self.shape.head_dim(),
+            rope_theta: ROPE_THETA,
+            rms_eps: RMS_EPS,
         }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (len, d), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (len, d), &Device::Cpu)?,
-        })
     }
 
     /// Logits `[batch, len, vocab]` of token ids `[batch, len]` (causal, no padding inside a row:
     /// rows are right-padded and padded positions are never scored).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor, ZooError> {
-        let (b, l) = ids.dims2()?;
-        let (h, nh, hd) = (self.shape.hidden, self.shape.heads, self.shape.head_dim());
-        let rope = self.rope(l)?;
-        let mask: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (l, l), &Device::Cpu)?;
-        let mut x = self
-            .get("model.embed_tokens.weight")
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, h))?;
-        let linear = |x: &Tensor, w: &str| -> candle_core::Result<Tensor> {
-            let w = self.get(w);
-            let (b, l, i) = x.dims3()?;
-            x.reshape((b * l, i))?.matmul(&w.t()?)?.reshape((b, l, w.dim(0)?))
-        };
-        let heads = |t: Tensor| t.reshape((b, l, nh, hd))?.transpose(1, 2);
-        let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let x1 = t.narrow(D::Minus1, 0, hd / 2)?;
-            let x2 = t.narrow(D::Minus1, hd / 2, hd / 2)?;
-            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            t.broadcast_mul(&rope.cos)? + rot.broadcast_mul(&rope.sin)?
-        };
-        for layer in 0..self.shape.layers {
-            let p = format!("model.layers.{layer}");
-            let n = rms_norm(&x, self.get(&format!("{p}.input_layernorm.weight")))?;
-            let q = rotate(&heads(linear(&n, &format!("{p}.self_attn.q_proj.weight"))?)?.contiguous()?)?;
-            let k = rotate(&heads(linear(&n, &format!("{p}.self_attn.k_proj.weight"))?)?.contiguous()?)?;
-            let v = heads(linear(&n, &format!("{p}.self_attn.v_proj.weight"))?)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let att = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-            x = (x + linear(&att, &format!("{p}.self_attn.o_proj.weight"))?)?;
-            let n = rms_norm(&x, self.get(&format!("{p}.post_attention_layernorm.weight")))?;
-            let gate = linear(&n, &format!("{p}.mlp.gate_proj.weight"))?.silu()?;
-            let up = linear(&n, &format!("{p}.mlp.up_proj.weight"))?;
-            x = (x + linear(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"))?)?;
-        }
-        let x = rms_norm(&x, self.get("model.norm.weight"))?;
-        Ok(linear(&x, "lm_head.weight")?)
-    }
-
-    /// Mean cross-entropy over the scored positions of a batch.
-    fn loss(&self, batch: &Batch) -> Result<Tensor, ZooError> {
-        let logits = self.forward(&batch.inputs)?;
-        let v = logits.dim(D::Minus1)?;
-        let logp = candle_nn::ops::log_softmax(&logits.reshape(((), v))?, D::Minus1)?;
-        let picked = logp
-            .gather(&batch.targets.flatten_all()?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
-        let total = (picked * batch.weights.flatten_all()?)?.sum_all()?;
-        Ok((total.neg()? / batch.scored as f64)?)
+        let x = hidden_states(&self.dims(), self, ids, 0)?;
+        Ok(self.linear(&x, "lm_head.weight")?)
     }
 
     /// Trains in place and returns the loss of every step.
@@ -263,10 +191,11 @@ impl TrainModel {
         let mut sampler = Sampler::new(spec.seed, &spec.mixture);
         let mut losses = Vec::with_capacity(spec.steps);
         for step in 0..spec.steps {
-            opt.set_learning_rate(schedule(spec, step));
+            opt.set_learning_rate(schedule(spec.lr, spec.warmup, spec.steps, step));
             let examples: Vec<Example> = (0..spec.batch).map(|_| sampler.next(held_out)).collect();
-            let batch = Batch::new(&examples)?;
-            let loss = self.loss(&batch)?;
+            let batch = batch(&examples)?;
+            let hidden = hidden_states(&self.dims(), self, &batch.inputs, 0)?;
+            let loss = scored_loss(&hidden, self.tensor("lm_head.weight"), &batch)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(ZooError::Diverged { step, loss: value });
@@ -301,63 +230,33 @@ impl TrainModel {
     }
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + RMS_EPS)?.sqrt()?)?.broadcast_mul(w)
-}
-
-/// Warm-up then cosine decay to 10% of the peak.
-fn schedule(spec: &TrainSpec, step: usize) -> f64 {
-    if step < spec.warmup {
-        return spec.lr * (step + 1) as f64 / spec.warmup as f64;
-    }
-    let t = (step - spec.warmup) as f64 / (spec.steps - spec.warmup).max(1) as f64;
-    spec.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
-}
-
-/// A training batch: right-padded rows, loss on the answer and its newline only.
-struct Batch {
-    inputs: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    scored: usize,
-}
-
-impl Batch {
-    fn new(examples: &[Example]) -> Result<Batch, ZooError> {
-        let rows: Vec<(Vec<u32>, usize)> = examples
+impl Weights for TrainModel {
+    fn tensor(&self, name: &str) -> &Tensor {
+        let i = self
+            .names
             .iter()
-            .map(|e| {
-                let prompt = encode(&e.prompt).ok_or_else(|| ZooError::Vocabulary {
-                    text: e.prompt.clone(),
-                })?;
-                let mut ids = prompt.clone();
-                ids.extend(
-                    encode(&format!("{}\n", e.answer)).ok_or_else(|| ZooError::Vocabulary {
-                        text: e.answer.clone(),
-                    })?,
-                );
-                Ok((ids, prompt.len()))
-            })
-            .collect::<Result<_, ZooError>>()?;
-        let len = rows.iter().map(|r| r.0.len()).max().unwrap_or(1) - 1;
-        let (mut inputs, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-        let mut scored = 0;
-        for (ids, prompt_len) in &rows {
-            for i in 0..len {
-                inputs.push(ids.get(i).copied().unwrap_or(0));
-                targets.push(ids.get(i + 1).copied().unwrap_or(0));
-                let w = i + 1 >= *prompt_len && i + 1 < ids.len();
-                weights.push(if w { 1f32 } else { 0.0 });
-                scored += w as usize;
-            }
-        }
-        let n = rows.len();
-        Ok(Batch {
-            inputs: Tensor::from_vec(inputs, (n, len), &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, (n, len), &Device::Cpu)?,
-            weights: Tensor::from_vec(weights, (n, len), &Device::Cpu)?.to_dtype(DType::F32)?,
-            scored: scored.max(1),
-        })
+            .position(|n| n == name)
+            .expect("names come from the layout");
+        self.vars[i].as_tensor()
     }
+}
+
+/// A batch of examples: loss on the answer and its newline only.
+fn batch(examples: &[Example]) -> Result<Batch, ZooError> {
+    let rows: Vec<(Vec<u32>, usize)> = examples
+        .iter()
+        .map(|e| {
+            let prompt = encode(&e.prompt).ok_or_else(|| ZooError::Vocabulary {
+                text: e.prompt.clone(),
+            })?;
+            let mut ids = prompt.clone();
+            ids.extend(
+                encode(&format!("{}\n", e.answer)).ok_or_else(|| ZooError::Vocabulary {
+                    text: e.answer.clone(),
+                })?,
+            );
+            Ok((ids, prompt.len()))
+        })
+        .collect::<Result<_, ZooError>>()?;
+    Ok(Batch::from_rows(&rows, 0, &Device::Cpu)?)
 }
