@@ -128,6 +128,12 @@ enum ZooCommand {
         /// (exact match).
         #[arg(long)]
         choice: bool,
+        /// Only the first N items of each task.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only these models (repeatable; default: all).
+        #[arg(long = "model")]
+        models: Vec<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -891,10 +897,17 @@ fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
             zoo: path,
             split,
             choice,
+            limit,
+            models,
             json,
         } => {
             let manifest = zoo::Manifest::load(path)?;
-            let report = zoo::report(&manifest, *split, !*choice)?;
+            for m in models {
+                if manifest.model(m).is_none() {
+                    bail!("the zoo {} has no model `{m}`", path.display());
+                }
+            }
+            let report = zoo::report_models(&manifest, *split, !*choice, *limit, models)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -89,6 +89,23 @@ impl Checkpoint {
             });
         }
         let config = read_config(&dir.join("config.json"))?;
+        Checkpoint::open_tensors_with(dir, config)
+    }
+
+    /// Opens the safetensors files of a directory that has no `config.json` (a PEFT adapter's
+    /// `adapter_model.safetensors`, say), found and validated as [`Checkpoint::open`] does; its
+    /// [`Checkpoint::config`] is an empty object.
+    pub fn open_tensors(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        let meta = std::fs::metadata(dir).map_err(|e| CheckpointError::io("open", dir, e))?;
+        if !meta.is_dir() {
+            return Err(CheckpointError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        Checkpoint::open_tensors_with(dir, Value::Object(Default::default()))
+    }
+
+    fn open_tensors_with(dir: &Path, config: Value) -> Result<Checkpoint, CheckpointError> {
         let shard_names = weight_files(dir)?;
 
         let mut shards = Vec::with_capacity(shard_names.files.len());

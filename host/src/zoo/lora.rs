@@ -156,6 +156,12 @@ impl LoraModel {
             .sum()
     }
 
+    /// Logits `[batch, len, vocab]` of token ids `[batch, len]` (rows right-padded).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor, ZooError> {
+        let hidden = hidden_states(&self.dims, self, ids, self.config.first_layer)?;
+        Ok(matmul_t(&hidden, self.tensor(&self.head))?)
+    }
+
     /// Mean cross-entropy of the predicted tokens of `rows`.
     pub fn loss(&self, rows: &[Row]) -> Result<Tensor, ZooError> {
         let batch = Batch::from_rows(rows, 0, &Device::Cpu)?;
@@ -228,7 +234,7 @@ impl LoraModel {
                         dtype,
                         shape: v.dims().to_vec(),
                     },
-                    v.as_tensor().clone(),
+                    v.as_tensor().to_dtype(dtype)?,
                 ));
             }
         }
@@ -305,7 +311,7 @@ impl Adapter {
                 "only plain LoRA (peft_type LORA, no rsLoRA) is supported".into()
             ));
         }
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_tensors(dir)?;
         let mut pairs = Vec::new();
         for name in ckpt.tensor_names() {
             let Some(module) = name

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-pub use report::{report, ZooReport};
+pub use report::{report, report_models, ZooReport};
 pub use skills::{Example, Rng, Skill};
 pub use train::{Shape, TrainModel, TrainSpec};
 

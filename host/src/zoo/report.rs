@@ -113,6 +113,18 @@ impl ZooReport {
 /// Scores every model of `manifest` on every skill's `split` task: multiple-choice accuracy, or
 /// with `generate` the exact match of greedy generations.
 pub fn report(manifest: &Manifest, split: Split, generate: bool) -> Result<ZooReport, ZooError> {
+    report_models(manifest, split, generate, None, &[])
+}
+
+/// [`report`] on the first `limit` items of each task, and only on the models named in `only`
+/// (all when empty).
+pub fn report_models(
+    manifest: &Manifest,
+    split: Split,
+    generate: bool,
+    limit: Option<usize>,
+    only: &[String],
+) -> Result<ZooReport, ZooError> {
     let task_opts = TaskOptions::default();
     let tasks: Vec<Task> = manifest
         .tasks(split, generate)
@@ -122,13 +134,18 @@ pub fn report(manifest: &Manifest, split: Split, generate: bool) -> Result<ZooRe
     let mut rows = Vec::new();
     // (column name, lower is better, metric)
     let mut columns: Vec<(String, bool, String)> = Vec::new();
-    for m in &manifest.models {
+    for m in manifest
+        .models
+        .iter()
+        .filter(|m| only.is_empty() || only.contains(&m.name))
+    {
         let ckpt = Checkpoint::open(&manifest.model_dir(m))?;
         let model = Model::load(&ckpt)?;
         let tok = EvalTokenizer::from_checkpoint(&ckpt)?;
         let opts = EvalOptions {
             progress: false,
             generation_batch: 64,
+            limit,
             ..EvalOptions::default()
         };
         let eval = Evaluator::new(&model, &tok, opts);
