@@ -50,7 +50,7 @@ enum Command {
     Eval(EvalArgs),
     /// Per-token log-probabilities and perplexity of a text under a model.
     Score(ScoreArgs),
-    /// Run the demo: build two small models, merge them with the `linear` plugin, compare.
+    /// Run the demo: train the synthetic zoo, merge its experts with plugins, compare them all.
     Demo(DemoArgs),
     /// Make a model zoo (a synthetic-skills zoo trained here on CPU) or report on one.
     #[command(subcommand)]
@@ -292,9 +292,12 @@ struct ScoreArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Where to write the demo zoo and the merged model.
+    /// Where to write the demo zoo and the merges.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
+    /// The zoo to train: `full` (a few minutes on 2 cores) or `ci` (about a minute).
+    #[arg(long, value_enum, default_value = "full")]
+    preset: modelglue::zoo::Preset,
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -778,7 +781,12 @@ fn cmd_score(a: &ScoreArgs) -> Result<()> {
 
 fn cmd_demo(cli: &Cli, a: &DemoArgs) -> Result<()> {
     let reg = registry(cli)?;
-    let table = modelglue::demo::run(&reg, &a.out)?;
+    let mut progress = |line: &str| {
+        if !cli.quiet {
+            eprintln!("{line}");
+        }
+    };
+    let table = modelglue::demo::run(&reg, &a.out, a.preset, &mut progress)?;
     print!("{table}");
     Ok(())
 }

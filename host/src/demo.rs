@@ -1,182 +1,209 @@
-//! The demo job: builds two small Llama checkpoints that share an initialisation, merges them
-//! with the `linear` plugin loaded from its `.so`, and checks the result against an independent
-//! f64 recomputation. (Later releases replace this with the Model-GLUE recipe on a trained zoo.)
+//! The demo job: trains the synthetic-skills zoo ([`crate::zoo`]), merges the experts of its
+//! one family with merge-method plugins loaded from their `.so` files, and scores every model and
+//! every merge on the held-out test split — the merging half of the Model-GLUE recipe on the
+//! built-in zoo, with the table that says whether merging beat the best single model. It also
+//! shows the two ways merging goes wrong: an over-trained member dragging a merge down, and a
+//! model of another shape refused by the merge plan.
 
-use crate::backend::kernels::uniform;
-use crate::checkpoint::{Checkpoint, CheckpointWriter, DType, OutTensor};
-use crate::config::{MergeConfig, ParamMap, ParamValue};
-use crate::merge::{MergeOptions, MergePlan};
-use crate::plugins::Registry;
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-const HIDDEN: usize = 64;
-const FFN: usize = 176;
-const LAYERS: usize = 2;
-const VOCAB: usize = 256;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
+use anyhow::{Context, Result};
 
-/// Tensor names and shapes of the demo Llama.
-pub fn llama_layout() -> Vec<(String, Vec<usize>)> {
-    let head_dim = HIDDEN / HEADS;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN])];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
-        v.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![HEADS * head_dim, HIDDEN],
-        ));
-        v.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![KV_HEADS * head_dim, HIDDEN],
-        ));
-        v.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![KV_HEADS * head_dim, HIDDEN],
-        ));
-        v.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![HIDDEN, HEADS * head_dim],
-        ));
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FFN]));
+use crate::config::{MergeConfig, ParamMap, ParamValue};
+use crate::merge::{MergeOptions, MergePlan};
+use crate::plugins::Registry;
+use crate::zoo::{self, Manifest, Preset, Role, Split, ZooReport};
+
+/// One merge of the demo: a method, its members and their parameters.
+struct DemoMerge {
+    name: String,
+    method: &'static str,
+    members: Vec<String>,
+    params: Vec<(&'static str, f64)>,
+    base: bool,
+}
+
+fn params(pairs: &[(&str, f64)]) -> ParamMap {
+    let mut m = ParamMap::new();
+    for (k, v) in pairs {
+        m.insert((*k).into(), ParamValue::Number(*v));
     }
-    v.push(("model.norm.weight".to_string(), vec![HIDDEN]));
-    v.push(("lm_head.weight".to_string(), vec![VOCAB, HIDDEN]));
-    v
+    m
 }
 
-fn normal(seed: u64, stream: u64, i: u64) -> f32 {
-    // Box–Muller on two counter-based uniforms.
-    let u1 = uniform(seed, stream, 2 * i).max(1e-12);
-    let u2 = uniform(seed, stream, 2 * i + 1);
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-fn llama_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN / HEADS,
-        "vocab_size": VOCAB, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": false,
-        "bos_token_id": 0, "eos_token_id": 1, "dtype": "float32"
-    })
-}
-
-/// Writes a demo Llama: `init_seed` fixes the shared initialisation; `tune_seed` adds a
-/// fine-tune-like perturbation (2% of each tensor's scale) on top.
-pub fn write_model(dir: &Path, init_seed: u64, tune_seed: Option<u64>) -> Result<PathBuf> {
-    let layout = llama_layout();
-    let plan: Vec<OutTensor> = layout
+/// Runs the demo under `out` (the zoo in `out/zoo`, merges in `out/merged/`, the scores in
+/// `out/report.json`) and returns the comparison (Markdown). `progress` gets one line per step.
+pub fn run(
+    registry: &Registry,
+    out: &Path,
+    preset: Preset,
+    progress: &mut dyn FnMut(&str),
+) -> Result<String> {
+    let plan = zoo::synth_plan(preset, 0);
+    progress(&format!(
+        "training the synthetic zoo ({} models, about {:.0}s on 2 cores)",
+        plan.models.len(),
+        zoo::estimate_seconds(&plan)
+    ));
+    let manifest =
+        zoo::build_synth(&plan, &out.join("zoo"), true, progress).context("building the demo zoo")?;
+    let experts: Vec<String> = manifest
+        .models
         .iter()
-        .map(|(n, s)| OutTensor {
-            name: n.clone(),
-            dtype: DType::F32,
-            shape: s.clone(),
-        })
+        .filter(|m| m.role == Role::Expert)
+        .map(|m| m.name.clone())
         .collect();
-    let writer = CheckpointWriter::create(dir, &plan, u64::MAX, true)?;
-    for (k, (name, shape)) in layout.iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let norm = name.ends_with("norm.weight");
-        let vals: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let init = if norm {
-                    1.0 + 0.1 * normal(init_seed, k as u64, i)
-                } else {
-                    0.15 * normal(init_seed, k as u64, i)
-                };
-                let tune = tune_seed.map_or(0.0, |s| 0.02 * 0.15 * normal(s, k as u64, i));
-                init + tune
-            })
-            .collect();
-        writer.write_tensor(name, &Tensor::from_vec(vals, shape.as_slice(), &Device::Cpu)?)?;
+    let overtrained: Vec<String> = manifest
+        .models
+        .iter()
+        .filter(|m| m.role == Role::Overtrained)
+        .map(|m| m.name.clone())
+        .collect();
+    let n = experts.len() as f64;
+    let mut merges = vec![
+        DemoMerge {
+            name: "linear (mean)".into(),
+            method: "linear",
+            members: experts.clone(),
+            params: vec![("weight", 1.0)],
+            base: false,
+        },
+        DemoMerge {
+            name: format!("task_arithmetic λ={:.2}", 1.0 / n),
+            method: "task_arithmetic",
+            members: experts.clone(),
+            params: vec![("weight", 1.0 / n)],
+            base: true,
+        },
+        DemoMerge {
+            name: "ties d=0.5".into(),
+            method: "ties",
+            members: experts.clone(),
+            params: vec![("weight", 1.0), ("density", 0.5)],
+            base: true,
+        },
+    ];
+    if !overtrained.is_empty() {
+        let mut members = experts.clone();
+        members.extend(overtrained.iter().cloned());
+        merges.push(DemoMerge {
+            name: format!("ties d=0.5 + {}", overtrained.join(", ")),
+            method: "ties",
+            members,
+            params: vec![("weight", 1.0), ("density", 0.5)],
+            base: true,
+        });
     }
-    let cfg = serde_json::to_string_pretty(&llama_config())?;
-    writer.write_file("config.json", cfg.as_bytes())?;
-    Ok(writer.finish()?)
-}
-
-fn values(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
-    Ok(ck
-        .load_as(name, DType::F32)?
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?)
-}
-
-/// Runs the demo under `out` and returns the comparison table (Markdown).
-pub fn run(registry: &Registry, out: &Path) -> Result<String> {
-    let a = write_model(&out.join("zoo/expert_a"), 7, Some(1)).context("writing demo model expert_a")?;
-    let b = write_model(&out.join("zoo/expert_b"), 7, Some(2)).context("writing demo model expert_b")?;
-    let weight = |w: f64| {
-        let mut m = ParamMap::new();
-        m.insert("weight".into(), ParamValue::Number(w));
-        m
+    let dir_of = |name: &str| -> Result<PathBuf> {
+        let m = manifest
+            .model(name)
+            .with_context(|| format!("the demo zoo has no model `{name}`"))?;
+        Ok(manifest.model_dir(m))
     };
-    let config = MergeConfig::from_flags(
-        "linear",
-        &[(a.clone(), weight(0.5)), (b.clone(), weight(0.5))],
-        None,
-        ParamMap::new(),
-        None,
-        None,
-    );
-    let merged_dir = out.join("merged_linear");
-    let mut opts = MergeOptions::new(&merged_dir);
-    opts.overwrite = true;
-    let report = MergePlan::new(&config, registry)?.run(&opts, None)?;
-
-    let (ca, cb, cm) = (
-        Checkpoint::open(&a)?,
-        Checkpoint::open(&b)?,
-        Checkpoint::open(&report.out_dir)?,
-    );
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| tensor | ‖merged−A‖/‖A‖ | ‖merged−B‖/‖B‖ | max |merged − (A+B)/2| (f64 check) |"
-    );
-    let _ = writeln!(table, "|---|---|---|---|");
-    let mut worst = 0f64;
-    for name in cm.tensor_names() {
-        let (va, vb, vm) = (values(&ca, &name)?, values(&cb, &name)?, values(&cm, &name)?);
-        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = |x: &[f64], y: &[f64]| {
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q) * (p - q))
-                .sum::<f64>()
-                .sqrt()
-        };
-        let max_err = vm
+    let base_dir = dir_of("base")?;
+    let mut merged = Vec::new();
+    for m in &merges {
+        let models: Vec<(PathBuf, ParamMap)> = m
+            .members
             .iter()
-            .zip(va.iter().zip(&vb))
-            .map(|(m, (x, y))| (m - 0.5 * x - 0.5 * y).abs())
-            .fold(0.0, f64::max);
-        worst = worst.max(max_err);
+            .map(|n| Ok((dir_of(n)?, params(&m.params))))
+            .collect::<Result<_>>()?;
+        let config = MergeConfig::from_flags(
+            m.method,
+            &models,
+            m.base.then(|| base_dir.clone()),
+            ParamMap::new(),
+            None,
+            None,
+        );
+        let slug: String = m
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let mut opts = MergeOptions::new(&out.join("merged").join(slug));
+        opts.overwrite = true;
+        let report = MergePlan::new(&config, registry)
+            .with_context(|| format!("planning the merge `{}`", m.name))?
+            .run(&opts, None)
+            .with_context(|| format!("merging `{}`", m.name))?;
+        progress(&format!(
+            "merged `{}` ({} of {}) with the `{}` plugin in {:.2}s",
+            m.name,
+            m.members.len(),
+            m.members.join(", "),
+            m.method,
+            report.seconds
+        ));
+        merged.push((m.name.clone(), report.out_dir));
+    }
+    // A model of another shape cannot be merged: the plan refuses it before reading a weight.
+    let refused = {
+        let wide = manifest
+            .models
+            .iter()
+            .find(|m| m.role == Role::OtherShape)
+            .map(|m| manifest.model_dir(m));
+        wide.map(|w| {
+            let config = MergeConfig::from_flags(
+                "linear",
+                &[
+                    (base_dir.clone(), params(&[("weight", 1.0)])),
+                    (w, params(&[("weight", 1.0)])),
+                ],
+                None,
+                ParamMap::new(),
+                None,
+                None,
+            );
+            match MergePlan::new(&config, registry) {
+                Ok(_) => "the plan accepted a model of another shape (a bug)".to_string(),
+                Err(e) => e.to_string(),
+            }
+        })
+    };
+
+    progress("scoring every model and merge on the held-out test split");
+    let report = zoo::report_with(&manifest, Split::Test, true, &merged)?;
+    let json = out.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    Ok(summary(&manifest, &report, refused.as_deref()))
+}
+
+fn summary(manifest: &Manifest, report: &ZooReport, refused: Option<&str>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Synthetic zoo ({} models, family `a` mergeable) and merges of its experts: exact match % \
+         of greedy answers on the held-out test split.\n",
+        manifest.models.len()
+    );
+    s.push_str(&report.to_markdown());
+    let best_single = report
+        .rows
+        .iter()
+        .filter(|r| r.role != Role::Merged)
+        .max_by(|a, b| a.mean.total_cmp(&b.mean));
+    let best_merge = report
+        .rows
+        .iter()
+        .filter(|r| r.role == Role::Merged)
+        .max_by(|a, b| a.mean.total_cmp(&b.mean));
+    if let (Some(single), Some(merge)) = (best_single, best_merge) {
         let _ = writeln!(
-            table,
-            "| {name} | {:.4} | {:.4} | {:.2e} |",
-            diff(&vm, &va) / norm(&va),
-            diff(&vm, &vb) / norm(&vb),
-            max_err
+            s,
+            "\nbest single model: `{}` (mean {:.1}); best merge: `{}` (mean {:.1}), {:+.1} points",
+            single.model,
+            100.0 * single.mean,
+            merge.model,
+            100.0 * merge.mean,
+            100.0 * (merge.mean - single.mean)
         );
     }
-    let _ = writeln!(
-        table,
-        "\nlinear merge of {} tensors in {:.2}s → {} (worst deviation from the f64 recomputation: {:.2e})",
-        report.tensors,
-        report.seconds,
-        report.out_dir.display(),
-        worst
-    );
-    Ok(table)
+    if let Some(e) = refused {
+        let _ = writeln!(s, "merging `base` with `wide` (another shape) is refused: {e}");
+    }
+    s
 }

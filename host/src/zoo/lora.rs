@@ -221,7 +221,7 @@ impl LoraModel {
     }
 
     /// Writes the adapter in PEFT's layout (`adapter_model.safetensors` in `dtype`,
-    /// `adapter_config.json`), atomically.
+    /// `adapter_config.json`); the directory is renamed into place when whole.
     pub fn save_adapter(&self, dir: &Path, base_name: &str, dtype: DType) -> Result<PathBuf, ZooError> {
         let mut plan = Vec::new();
         for name in &self.order {
@@ -247,7 +247,14 @@ impl LoraModel {
             "adapter_config.json",
             adapter_config_json(&self.config, self.dims.layers, base_name).as_bytes(),
         )?;
-        Ok(writer.finish()?)
+        let dir = writer.finish()?;
+        // PEFT's file name (the writer names a single shard `model.safetensors`).
+        let (from, to) = (
+            dir.join("model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        );
+        std::fs::rename(&from, &to).map_err(super::io(&to))?;
+        Ok(dir)
     }
 }
 

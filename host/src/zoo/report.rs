@@ -1,6 +1,7 @@
 //! `mglue zoo report`: every model of a zoo scored on every skill by the evaluator.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -116,6 +117,27 @@ pub fn report(manifest: &Manifest, split: Split, generate: bool) -> Result<ZooRe
     report_models(manifest, split, generate, None, &[])
 }
 
+/// [`report`] plus rows for other checkpoints scored on the same tasks (merges of zoo models,
+/// role [`Role::Merged`]), given as `(name, directory)`.
+pub fn report_with(
+    manifest: &Manifest,
+    split: Split,
+    generate: bool,
+    extra: &[(String, PathBuf)],
+) -> Result<ZooReport, ZooError> {
+    let mut entries: Vec<Entry> = manifest
+        .models
+        .iter()
+        .map(|m| (m.name.clone(), m.role, m.skills.clone(), manifest.model_dir(m)))
+        .collect();
+    entries.extend(
+        extra
+            .iter()
+            .map(|(n, d)| (n.clone(), Role::Merged, Vec::new(), d.clone())),
+    );
+    score_entries(manifest, split, generate, None, &entries)
+}
+
 /// [`report`] on the first `limit` items of each task, and only on the models named in `only`
 /// (all when empty).
 pub fn report_models(
@@ -124,6 +146,25 @@ pub fn report_models(
     generate: bool,
     limit: Option<usize>,
     only: &[String],
+) -> Result<ZooReport, ZooError> {
+    let entries: Vec<Entry> = manifest
+        .models
+        .iter()
+        .filter(|m| only.is_empty() || only.contains(&m.name))
+        .map(|m| (m.name.clone(), m.role, m.skills.clone(), manifest.model_dir(m)))
+        .collect();
+    score_entries(manifest, split, generate, limit, &entries)
+}
+
+/// A row to score: name, role, specialities, checkpoint directory.
+type Entry = (String, Role, Vec<String>, PathBuf);
+
+fn score_entries(
+    manifest: &Manifest,
+    split: Split,
+    generate: bool,
+    limit: Option<usize>,
+    entries: &[Entry],
 ) -> Result<ZooReport, ZooError> {
     let task_opts = TaskOptions::default();
     let tasks: Vec<Task> = manifest
@@ -134,12 +175,8 @@ pub fn report_models(
     let mut rows = Vec::new();
     // (column name, lower is better, metric)
     let mut columns: Vec<(String, bool, String)> = Vec::new();
-    for m in manifest
-        .models
-        .iter()
-        .filter(|m| only.is_empty() || only.contains(&m.name))
-    {
-        let ckpt = Checkpoint::open(&manifest.model_dir(m))?;
+    for (name, role, speciality, dir) in entries {
+        let ckpt = Checkpoint::open(dir)?;
         let model = Model::load(&ckpt)?;
         let tok = EvalTokenizer::from_checkpoint(&ckpt)?;
         let opts = EvalOptions {
@@ -178,9 +215,9 @@ pub fn report_models(
             .collect();
         let mean = up.iter().sum::<f64>() / up.len().max(1) as f64;
         rows.push(ReportRow {
-            model: m.name.clone(),
-            role: m.role,
-            speciality: m.skills.clone(),
+            model: name.clone(),
+            role: *role,
+            speciality: speciality.clone(),
             scores,
             mean,
         });
