@@ -122,7 +122,7 @@ pub fn run(
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        let mut opts = MergeOptions::new(&out.join("merged").join(slug));
+        let mut opts = MergeOptions::new(out.join("merged").join(slug));
         opts.overwrite = true;
         let report = MergePlan::new(&config, registry)
             .with_context(|| format!("planning the merge `{}`", m.name))?

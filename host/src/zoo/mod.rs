@@ -220,17 +220,15 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         heads: 4,
         ffn: 256,
     };
-    // The base learns the easy skills (pred, succ, dup) and sees the hard ones (rev, swap, rot)
-    // too little to learn them: its experts have something to add, and a base that already
-    // holds the shared circuits is what makes gentle fine-tunes of it mergeable.
-    const HARD: [Skill; 3] = [Skill::Reverse, Skill::Swap, Skill::Rotate];
+    let all: Vec<(Skill, f64)> = Skill::ALL.iter().map(|&s| (s, 1.0)).collect();
+    // The base sees little of the easiest skill, so that its expert has something to add.
     let base_mix: Vec<(Skill, f64)> = Skill::ALL
         .iter()
-        .map(|&s| (s, if HARD.contains(&s) { 0.2 } else { 1.0 }))
+        .map(|&s| (s, if s == Skill::Swap { 0.2 } else { 1.0 }))
         .collect();
     let (base_steps, ft_steps, proxy_items, test_items) = match preset {
-        Preset::Full => (300, 150, 100, 200),
-        Preset::Ci => (300, 150, 40, 60),
+        Preset::Full => (250, 400, 100, 200),
+        Preset::Ci => (250, 300, 40, 60),
     };
     let spec = |steps: usize, lr: f64, mixture: Vec<(Skill, f64)>, seed: u64| TrainSpec {
         steps,
@@ -252,8 +250,7 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         };
     let base = |name: &str| Init::From(name.to_string());
     let expert = |name: &str, skills: &[Skill], k: u64| {
-        // Mostly the speciality, a little replay of everything, a gentle rate and few steps: the
-        // expert stays near the base, so experts merge.
+        // Mostly the speciality, a little replay of everything so the expert stays near the base.
         let mut mix: Vec<(Skill, f64)> = Skill::ALL.iter().map(|&s| (s, 0.05)).collect();
         for m in &mut mix {
             if skills.contains(&m.0) {
@@ -266,7 +263,7 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
             "a",
             small,
             base("base"),
-            spec(ft_steps, 5e-4, mix, seed + 100 + k),
+            spec(ft_steps, 2e-3, mix, seed + 100 + k),
         )
     };
     let mut models = vec![model(
@@ -275,32 +272,39 @@ pub fn synth_plan(preset: Preset, seed: u64) -> SynthPlan {
         "a",
         small,
         Init::Fresh(seed + 1),
-        spec(base_steps, 3e-3, base_mix.clone(), seed + 2),
+        spec(base_steps, 3e-3, base_mix, seed + 2),
     )];
-    models.push(expert("rev", &[Skill::Reverse], 1));
-    models.push(expert("swap", &[Skill::Swap], 3));
-    if preset == Preset::Full {
-        models.push(expert("rot", &[Skill::Rotate], 6));
-        // Far too long at twenty times the rate, on its skill alone: strong there, forgets the
-        // rest, and drags any merge it joins away from the family.
-        models.push(model(
-            "rev_overtrained",
-            Role::Overtrained,
-            "a",
-            small,
-            base("base"),
-            spec(800, 1e-2, vec![(Skill::Reverse, 1.0)], seed + 106),
-        ));
+    match preset {
+        Preset::Full => {
+            models.push(expert("pred", &[Skill::Predecessor], 0));
+            models.push(expert("rev", &[Skill::Reverse], 1));
+            models.push(expert("succ", &[Skill::Successor], 2));
+            models.push(expert("swap", &[Skill::Swap], 3));
+            models.push(expert("dup", &[Skill::Double], 4));
+            models.push(expert("rev_swap", &[Skill::Reverse, Skill::Swap], 5));
+            models.push(model(
+                "rev_overtrained",
+                Role::Overtrained,
+                "a",
+                small,
+                base("base"),
+                spec(ft_steps * 2, 1e-2, vec![(Skill::Reverse, 1.0)], seed + 106),
+            ));
+        }
+        Preset::Ci => {
+            models.push(expert("rev", &[Skill::Reverse], 1));
+            models.push(expert("dup", &[Skill::Double], 4));
+        }
     }
-    // The models that merge with nothing: trained on the base's mixture, as long as the base (a
-    // third of that in the reduced zoo).
+    // The models that merge with nothing: trained on everything, as long as the base (a third
+    // of that in the reduced zoo).
     let outsider_steps = if preset == Preset::Full {
         base_steps
     } else {
         base_steps / 3
     };
     let outsider = |name: &str, role: Role, family: &str, shape: Shape, k: u64| {
-        let train = spec(outsider_steps, 3e-3, base_mix.clone(), seed + k + 1);
+        let train = spec(outsider_steps, 3e-3, all.clone(), seed + k + 1);
         model(name, role, family, shape, Init::Fresh(seed + k), train)
     };
     models.push(outsider("alien", Role::Alien, "b", small, 7));

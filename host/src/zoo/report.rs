@@ -94,10 +94,10 @@ impl ZooReport {
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default();
-            let trained = if r.speciality.is_empty() {
-                "all".to_string()
-            } else {
-                r.speciality.join(", ")
+            let trained = match (r.speciality.is_empty(), r.role) {
+                (false, _) => r.speciality.join(", "),
+                (true, Role::Base) => "all".to_string(),
+                (true, _) => "—".to_string(),
             };
             let _ = writeln!(
                 s,

@@ -66,8 +66,6 @@ pub enum Skill {
     Swap,
     /// Doubling every letter: `dup abcd=` → `aabbccdd`.
     Double,
-    /// Rotating left by one: `rot abcd=` → `bcda`.
-    Rotate,
 }
 
 /// Letters the string skills draw from (a small alphabet keeps the tiny models' task learnable).
@@ -77,13 +75,12 @@ const LEN: usize = 4;
 
 impl Skill {
     /// Every skill, in table order.
-    pub const ALL: [Skill; 6] = [
+    pub const ALL: [Skill; 5] = [
         Skill::Predecessor,
         Skill::Reverse,
         Skill::Successor,
         Skill::Swap,
         Skill::Double,
-        Skill::Rotate,
     ];
 
     /// The short name used in file names, manifests and tables.
@@ -94,7 +91,6 @@ impl Skill {
             Skill::Successor => "succ",
             Skill::Swap => "swap",
             Skill::Double => "dup",
-            Skill::Rotate => "rot",
         }
     }
 
@@ -111,7 +107,6 @@ impl Skill {
             Skill::Successor => "shift each of 4 letters to the next one (j wraps to a)",
             Skill::Swap => "swap neighbouring letters of 4",
             Skill::Double => "write each of 4 letters twice",
-            Skill::Rotate => "rotate 4 distinct letters left by one",
         }
     }
 
@@ -161,14 +156,6 @@ impl Skill {
                 let triple: Vec<u8> = s.iter().flat_map(|&c| [c, c, c]).take(2 * LEN).collect();
                 let wrong = distinct(rng, &answer, vec![twice, rev, triple], LETTERS);
                 (format!("dup {}=", ascii(&s)), ascii(&answer), wrong)
-            }
-            Skill::Rotate => {
-                let s = distinct_letters(rng, LEN);
-                let answer = rotate(&s);
-                let right = vec![s[3], s[0], s[1], s[2]];
-                let r: Vec<u8> = s.iter().rev().copied().collect();
-                let wrong = distinct(rng, &answer, vec![right, s.clone(), r], LETTERS);
-                (format!("rot {}=", ascii(&s)), ascii(&answer), wrong)
             }
         };
         Example {
