@@ -109,6 +109,9 @@ enum ZooCommand {
         /// Optimiser steps per adapter (default: the plan's).
         #[arg(long)]
         steps: Option<usize>,
+        /// With `--train`: only these domains (repeatable; default: math, code, science).
+        #[arg(long = "domain", value_enum)]
+        domains: Vec<modelglue::zoo::smollm2::Domain>,
         /// Replace an existing zoo at `--out`.
         #[arg(long)]
         overwrite: bool,
@@ -849,6 +852,7 @@ fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
             train,
             train_only,
             steps,
+            domains,
             overwrite,
             no_report,
         } => {
@@ -884,7 +888,12 @@ fn cmd_zoo(c: &ZooCommand, quiet: bool) -> Result<()> {
                 modelglue::checkpoint::gguf::convert_gguf(&sources.smollm2, &base_dir, &Default::default())
                     .with_context(|| format!("converting {}", sources.smollm2.display()))?;
                 let ckpt = modelglue::checkpoint::Checkpoint::open(&base_dir)?;
-                smollm2::train_adapters(&ckpt, data, adapters, &plan, &smollm2::Domain::ALL, &mut progress)?;
+                let domains = if domains.is_empty() {
+                    smollm2::Domain::ALL.to_vec()
+                } else {
+                    domains.clone()
+                };
+                smollm2::train_adapters(&ckpt, data, adapters, &plan, &domains, &mut progress)?;
                 if *train_only {
                     return Ok(());
                 }

@@ -24,7 +24,7 @@ use crate::checkpoint::{Checkpoint, DType};
 use crate::eval::EvalTokenizer;
 
 /// One training domain: where its text comes from and how it is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Domain {
     /// GSM8K worked solutions after `Question: …\nAnswer:` (the `gsm8k` task's prompt).
@@ -267,7 +267,11 @@ pub fn train_adapters(
             seed: plan.train.seed + 10 * d as u64,
             ..plan.train.clone()
         };
+        let mut step_seconds = Vec::with_capacity(steps);
+        let mut last = Instant::now();
         let losses = model.train(&rows, &spec, &mut |step, loss| {
+            step_seconds.push(last.elapsed().as_secs_f64());
+            last = Instant::now();
             if step % 10 == 0 {
                 tracing::info!(domain = d.name(), step, loss, "LoRA step");
             }
@@ -278,6 +282,7 @@ pub fn train_adapters(
         let log = serde_json::json!({
             "domain": d.name(), "plan": plan, "steps": steps, "training_items": rows.len(),
             "mean_tokens": mean, "seconds": start.elapsed().as_secs_f64(), "losses": losses,
+            "step_seconds": step_seconds, "trainable": model.trainable(),
         });
         let path = dir.join("training_log.json");
         std::fs::write(
