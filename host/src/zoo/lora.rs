@@ -44,10 +44,9 @@ impl LoraConfig {
         let mut out = Vec::new();
         for l in self.first_layer..layers {
             for t in &self.targets {
-                let group = if t.ends_with("_proj") && ["q", "k", "v", "o"].contains(&&t[..1]) {
-                    "self_attn"
-                } else {
-                    "mlp"
+                let group = match t.as_str() {
+                    "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
+                    _ => "mlp",
                 };
                 out.push(format!("model.layers.{l}.{group}.{t}"));
             }

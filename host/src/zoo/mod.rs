@@ -486,17 +486,22 @@ fn generate_toml(name: &str, file: &str) -> String {
     )
 }
 
+/// Creates `dir/tasks` and returns a function writing a named file into it.
+fn task_writer(dir: &Path) -> Result<impl Fn(&str, &str) -> Result<(), ZooError>, ZooError> {
+    let tasks = dir.join("tasks");
+    std::fs::create_dir_all(&tasks).map_err(io(&tasks))?;
+    Ok(move |name: &str, text: &str| {
+        let path = tasks.join(name);
+        std::fs::write(&path, text).map_err(io(&path))
+    })
+}
+
 fn write_tasks(
     dir: &Path,
     plan: &SynthPlan,
     held_out: &mut HashSet<String>,
 ) -> Result<Vec<ZooSkill>, ZooError> {
-    let tasks = dir.join("tasks");
-    std::fs::create_dir_all(&tasks).map_err(io(&tasks))?;
-    let write = |name: &str, text: &str| {
-        let path = tasks.join(name);
-        std::fs::write(&path, text).map_err(io(&path))
-    };
+    let write = task_writer(dir)?;
     let mut out = Vec::new();
     for skill in Skill::ALL {
         let s = skills::splits(skill, plan.seed, plan.proxy_items, plan.test_items, held_out);

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::lora::{merge_adapter, Adapter, LoraConfig, LoraModel, LoraTrain, Row};
-use super::{io, Manifest, Role, ZooError, ZooModel, ZooSkill};
+use super::{io, task_writer, Manifest, Role, ZooError, ZooModel, ZooSkill};
 use crate::checkpoint::gguf::{convert_gguf, ConvertOptions};
 use crate::checkpoint::{Checkpoint, DType};
 use crate::eval::EvalTokenizer;
@@ -360,12 +360,7 @@ fn arc_toml(name: &str, file: &str) -> String {
 }
 
 fn write_tasks(dir: &Path, data_dir: &Path) -> Result<Vec<ZooSkill>, ZooError> {
-    let tasks = dir.join("tasks");
-    std::fs::create_dir_all(&tasks).map_err(io(&tasks))?;
-    let write = |name: &str, text: &str| {
-        let path = tasks.join(name);
-        std::fs::write(&path, text).map_err(io(&path))
-    };
+    let write = task_writer(dir)?;
     let mut skills = Vec::new();
     for d in Domain::ALL {
         let (_, held) = domain_pairs(d, data_dir)?;
